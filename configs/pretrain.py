@@ -1,0 +1,123 @@
+r"""TCVM self-supervised pretraining.
+
+Presets (after a colon):
+
+  configs/pretrain.py          the paper's setting (Sec. 4.1): R3D50 on Kinetics-400
+                               TFRecords, 32 frames at stride 2 cut into s=4 clips,
+                               112x112, tau=0.07, alpha=beta=0.5, k=0.5, SGD momentum
+                               0.9, lr 0.1 per 32 videos (linear scaling), wd 1e-4,
+                               200 epochs, x0.1 at epochs 50/100/150.
+  configs/pretrain.py:tsm50    the same with the TSM50 backbone.
+  configs/pretrain.py:demo     a tiny backbone on the built-in synthetic motion dataset
+                               (generated on first use); minutes on a 2-core CPU.
+
+Run:
+
+  python -m tcvm_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/tcvm_demo
+
+Any field can be overridden, e.g. `--config.batch_size=64 --config.num_train_steps=100`.
+"""
+
+import ml_collections
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  preset = preset or "r3d50"
+  config.preset = preset
+
+  # --- Data -----------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "tfrecord"            # 'tfrecord' (DMVR-format shards) or 'synthetic'.
+  data.train_pattern = "data/kinetics400/train-*.tfrecord"  # glob of training shards.
+  data.synthetic_dir = "data/generated/synthetic_motion"    # where 'synthetic' lives.
+  data.num_frames = 32              # frames per sampled video (T).
+  data.frame_stride = 2             # temporal stride of the dense ("I3D") sampler.
+  data.sampler = "dense"            # 'dense' (I3D, the paper's) or 'tsn' (Table 3e).
+  data.short_video = "loop"         # videos shorter than needed: 'loop' or 'pad'.
+  data.input_size = 128             # host-side crop (px) handed to the device.
+  data.shuffle_buffer = 1024
+  data.max_bad_record_fraction = 0.001  # fail the run past this share of bad records.
+
+  # --- Video Montage (Sec. 3.2) ---------------------------------------------
+  config.montage = montage = ml_collections.ConfigDict()
+  montage.num_clips = 4             # s: clips per video / per pseudo-video.
+  montage.variant = "C-A-S"         # Table 3d: 'C-A-S', 'A-C-S', 'C-S-A', 'C-A'.
+  montage.output_size = 112         # frame size the backbone sees.
+
+  # --- On-device augmentation (MoCo v2 recipe, per clip) ---------------------
+  config.augment = aug = ml_collections.ConfigDict()
+  aug.crop_scale = (0.2, 1.0)       # RandomResizedCrop area range.
+  aug.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  aug.flip_prob = 0.5
+  aug.jitter_prob = 0.8
+  aug.brightness = 0.4
+  aug.contrast = 0.4
+  aug.saturation = 0.4
+  aug.hue = 0.1
+  aug.grayscale_prob = 0.2
+  aug.blur_prob = 0.5
+  aug.blur_sigma = (0.1, 2.0)       # in pixels of a 224 px image, scaled to output_size.
+  aug.mean = (0.485, 0.456, 0.406)  # ImageNet normalisation after augmentation.
+  aug.std = (0.229, 0.224, 0.225)
+
+  # --- Model -----------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.backbone = "r3d50"          # 'r3d50', 'tsm50', 'r3d_tiny', 'tsm_tiny'.
+  model.dtype = "float32"           # compute dtype: 'float32' or 'bfloat16' (params stay f32).
+  model.bn_axis_name = None         # None under jit sharding: BN stats are global already.
+  model.bn_momentum = 0.9
+  model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
+  model.tc_second_order = False     # D^2 in Table 3c.
+  model.tc_hidden_dim = -1          # per-frame FC width before f; -1 means C.
+  model.ofc_hidden_dim = 2048       # OFC MLP: C -> hidden -> ofc_dim.
+  model.ofc_dim = 128
+
+  # --- Loss (Eq. 1-3) --------------------------------------------------------
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.temperature = 0.07
+  loss.alpha = 0.5                  # weight of L_origin (OFC).
+  loss.beta = 0.5                   # weight of L_diff (TC).
+  loss.positive_reduction = "mean"  # 'mean' over positives per anchor (SupCon) or 'sum'.
+
+  # --- Optimisation ----------------------------------------------------------
+  config.batch_size = 32            # global batch of source videos.
+  config.base_learning_rate = 0.1   # for a global batch of 32; scaled linearly.
+  config.momentum = 0.9
+  config.weight_decay = 1e-4
+  config.schedule = "step"          # 'step' or 'cosine' (Table 3e).
+  config.decay_epochs = (50, 100, 150)
+  config.decay_factor = 0.1
+  config.warmup_epochs = 0.0
+  config.num_epochs = 200
+  config.num_train_steps = -1       # -1: derived from num_epochs and the dataset size.
+  config.seed = 0
+
+  # --- Bookkeeping -----------------------------------------------------------
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+
+  if preset == "r3d50":
+    pass
+  elif preset == "tsm50":
+    model.backbone = "tsm50"
+  elif preset == "demo":
+    data.name = "synthetic"
+    data.num_frames = 16
+    data.frame_stride = 2
+    data.input_size = 64
+    data.shuffle_buffer = 256
+    montage.output_size = 56
+    model.backbone = "r3d_tiny"
+    model.ofc_hidden_dim = 128
+    model.ofc_dim = 64
+    config.batch_size = 16
+    config.schedule = "cosine"
+    config.warmup_epochs = 1.0
+    config.num_epochs = 5
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 100
+  else:
+    raise ValueError(f"Unknown preset {preset!r}; choose from '', 'tsm50', 'demo'.")
+  return config
