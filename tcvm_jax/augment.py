@@ -1,0 +1,434 @@
+"""On-device clip augmentation: the MoCo v2 recipe [8], one parameter set per clip.
+
+Pure JAX, arrays in, arrays out, a key for randomness. A clip (L, H, W, 3) uint8 becomes
+(L, S, S, 3) normalised floats; every frame of the clip gets the same parameters.
+
+Sampling and applying are separate (`sample_augment_params` / `apply_augment`) because the
+Video Montage variants share one parameter set across different sets of clips.
+
+Pipeline (torchvision semantics unless noted):
+  1. RandomResizedCrop to S x S: area scale `crop_scale`, aspect ratio `crop_ratio`, 10
+     candidate boxes drawn at once and the first valid one taken, torchvision's centre-crop
+     fallback when none is valid. Integer boxes as in torchvision. Resampling is bilinear
+     with antialiasing when shrinking (torchvision `antialias=True`, PIL-style triangle
+     filter), computed as two matmuls per frame: out = Ry @ frame @ Rx^T.
+  2. Colour jitter with prob `jitter_prob`: brightness, contrast, saturation, hue factors as
+     in torchvision's ColorJitter, applied in a random order (torchvision does too). Contrast
+     blends with the mean grey level of each frame (what torchvision does on a (T, C, H, W)
+     tensor). Everything is float in [0, 1]; unlike PIL there is no uint8 rounding between
+     the ops.
+  3. Grayscale with prob `grayscale_prob` (0.2989 R + 0.587 G + 0.114 B, 3 equal channels).
+  4. Gaussian blur with prob `blur_prob`. `blur_sigma` is in pixels of a 224 px image
+     (MoCo v2) and is scaled by S / 224; the kernel spans ~10% of the image
+     (2 * (int(0.1 S) // 2) + 1 taps, 23 at 224 px, 11 at 112 px) with reflect borders,
+     applied as a separable matmul.
+  5. Horizontal flip with prob `flip_prob`. It commutes with steps 2-4 (pointwise ops,
+     per-frame means, a symmetric kernel with symmetric borders), so it is folded into
+     step 1 by reversing the rows of Rx.
+  6. (x - mean) / std, cast to the requested dtype. The arithmetic itself runs in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale.
+NUM_CROP_TRIES = 10
+BLUR_REFERENCE_SIZE = 224  # `blur_sigma` is given in pixels of an image this size.
+OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+_HIGHEST = jax.lax.Precision.HIGHEST  # exact uint8 values through the one-hot matrices.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+  """Parameters of one clip's augmentation (leaves may carry leading batch axes)."""
+  crop_box: jax.Array       # (4,) int32: top, left, height, width in input pixels.
+  flip: jax.Array           # () bool.
+  jitter: jax.Array         # () bool: apply the colour jitter at all.
+  brightness: jax.Array     # () float32 factor, 1 = identity.
+  contrast: jax.Array       # () float32 factor, 1 = identity.
+  saturation: jax.Array     # () float32 factor, 1 = identity.
+  hue: jax.Array            # () float32 shift in turns, 0 = identity.
+  jitter_order: jax.Array   # (4,) int32 permutation of (brightness, contrast, saturation, hue).
+  grayscale: jax.Array      # () bool.
+  blur: jax.Array           # () bool.
+  blur_sigma: jax.Array     # () float32, in output pixels (already scaled by S / 224).
+  out_size: int = dataclasses.field(default=112, metadata=dict(static=True))
+  mean: tuple[float, ...] = dataclasses.field(default=IMAGENET_MEAN, metadata=dict(static=True))
+  std: tuple[float, ...] = dataclasses.field(default=IMAGENET_STD, metadata=dict(static=True))
+
+
+# --- Validation -----------------------------------------------------------------------
+
+
+def _check_range(name: str, value: Sequence[float], low: float, high: float,
+                 low_open: bool = False) -> None:
+  if len(value) != 2 or not value[0] <= value[1]:
+    raise ValueError(f"augment.{name}={tuple(value)} must be a (min, max) pair with min <= max.")
+  too_low = value[0] <= low if low_open else value[0] < low
+  if too_low or value[1] > high:
+    bracket = "(" if low_open else "["
+    raise ValueError(f"augment.{name}={tuple(value)} must lie in {bracket}{low}, {high}].")
+
+
+def validate_augment_config(aug_config: Any) -> None:
+  """Fails with a message naming the setting and its allowed range."""
+  _check_range("crop_scale", aug_config.crop_scale, 0.0, 1.0, low_open=True)
+  _check_range("crop_ratio", aug_config.crop_ratio, 0.0, math.inf, low_open=True)
+  _check_range("blur_sigma", aug_config.blur_sigma, 0.0, math.inf, low_open=True)
+  for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
+    value = getattr(aug_config, name)
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f"augment.{name}={value} must lie in [0, 1].")
+  for name in ("brightness", "contrast", "saturation"):
+    value = getattr(aug_config, name)
+    if value < 0:
+      raise ValueError(f"augment.{name}={value} must be >= 0.")
+  if not 0.0 <= aug_config.hue <= 0.5:
+    raise ValueError(f"augment.hue={aug_config.hue} must lie in [0, 0.5].")
+  for name in ("mean", "std"):
+    if len(getattr(aug_config, name)) != 3:
+      raise ValueError(f"augment.{name}={getattr(aug_config, name)} needs one value per RGB "
+                       "channel.")
+  if min(aug_config.std) <= 0:
+    raise ValueError(f"augment.std={aug_config.std} must be > 0.")
+
+
+def _check_sizes(in_hw: Sequence[int], out_size: int) -> None:
+  if len(in_hw) != 2 or min(in_hw) < 1:
+    raise ValueError(f"Input frame size {tuple(in_hw)} must be two positive ints (H, W).")
+  if out_size < 1:
+    raise ValueError(f"montage.output_size={out_size} must be >= 1.")
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+  resolved = jnp.dtype(dtype)
+  if resolved.name not in OUTPUT_DTYPES:
+    raise ValueError(f"Augmentation output dtype {resolved.name!r} (model.dtype); choose from "
+                     f"{OUTPUT_DTYPES}.")
+  return resolved
+
+
+# --- Crop, resize, flip ---------------------------------------------------------------
+
+
+def _uniform_int(uniform: jax.Array, count: jax.Array) -> jax.Array:
+  """Maps u ~ U[0, 1) to an int uniform on [0, count)."""
+  return jnp.minimum(jnp.floor(uniform * count).astype(jnp.int32), count - 1)
+
+
+def sample_crop_box(key: jax.Array, in_hw: Sequence[int],
+                    scale: Sequence[float] = (0.2, 1.0),
+                    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+                    num_tries: int = NUM_CROP_TRIES) -> jax.Array:
+  """torchvision RandomResizedCrop.get_params, vectorised: (4,) int32 (top, left, h, w)."""
+  uniforms = jax.random.uniform(key, (2 * num_tries + 2,))
+  return crop_box_from_uniforms(uniforms, in_hw, scale, ratio)
+
+
+def crop_box_from_uniforms(uniforms: jax.Array, in_hw: Sequence[int], scale: Sequence[float],
+                           ratio: Sequence[float]) -> jax.Array:
+  """`sample_crop_box` given 2 * num_tries + 2 draws from U[0, 1).
+
+  The first num_tries draws pick areas, the next num_tries aspect ratios (log-uniform),
+  the last two the position; the first candidate that fits wins.
+  """
+  height, width = in_hw
+  num_tries = (uniforms.shape[0] - 2) // 2
+  area_u, ratio_u = uniforms[:num_tries], uniforms[num_tries:2 * num_tries]
+  top_u, left_u = uniforms[-2], uniforms[-1]
+  target_area = height * width * (scale[0] + (scale[1] - scale[0]) * area_u)
+  log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+  aspect = jnp.exp(log_low + (log_high - log_low) * ratio_u)
+  widths = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
+  heights = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
+  valid = (widths > 0) & (widths <= width) & (heights > 0) & (heights <= height)
+  first_valid = jnp.argmax(valid)
+  found = jnp.any(valid)
+
+  # The fallback depends only on static sizes: torchvision's centre crop.
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    fallback_w, fallback_h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    fallback_w, fallback_h = int(round(height * max(ratio))), height
+  else:
+    fallback_w, fallback_h = width, height
+
+  crop_h = jnp.where(found, heights[first_valid], fallback_h)
+  crop_w = jnp.where(found, widths[first_valid], fallback_w)
+  top = jnp.where(found, _uniform_int(top_u, height - crop_h + 1), (height - fallback_h) // 2)
+  left = jnp.where(found, _uniform_int(left_u, width - crop_w + 1), (width - fallback_w) // 2)
+  return jnp.stack([top, left, crop_h, crop_w]).astype(jnp.int32)
+
+
+def interpolation_matrix(start: jax.Array, length: jax.Array, in_size: int,
+                         out_size: int) -> jax.Array:
+  """(out_size, in_size) weights resampling input[start:start+length] to out_size samples.
+
+  Half-pixel centres; triangle (bilinear) kernel widened by the shrink factor when
+  downscaling (antialias); samples outside the crop are dropped and the rest renormalised,
+  which equals edge clamping for plain bilinear upscaling.
+  """
+  start = jnp.asarray(start, jnp.float32)
+  length = jnp.asarray(length, jnp.float32)
+  step = length / out_size  # input pixels per output pixel
+  centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * step - 0.5  # (S,)
+  support = jnp.maximum(step, 1.0)
+  positions = jnp.arange(in_size, dtype=jnp.float32)  # (in,)
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(positions[None, :] - centres[:, None]) / support)
+  inside = (positions >= start) & (positions < start + length)
+  weights = jnp.where(inside[None, :], weights, 0.0)
+  return weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+
+
+def resize_matrices(crop_box: jax.Array, in_hw: Sequence[int], out_size: int,
+                    flip: jax.Array | bool = False) -> tuple[jax.Array, jax.Array]:
+  """Row (S, H) and column (S, W) matrices: out = rows @ frame @ cols^T; flip mirrors cols."""
+  top, left, crop_h, crop_w = crop_box[0], crop_box[1], crop_box[2], crop_box[3]
+  rows = interpolation_matrix(top, crop_h, in_hw[0], out_size)
+  cols = interpolation_matrix(left, crop_w, in_hw[1], out_size)
+  cols = jnp.where(flip, cols[::-1], cols)
+  return rows, cols
+
+
+def crop_resize_flip(clip: jax.Array, crop_box: jax.Array, flip: jax.Array | bool,
+                     out_size: int) -> jax.Array:
+  """(L, H, W, 3) uint8 -> (L, S, S, 3) float32 in [0, 1], same box and flip for all frames."""
+  rows, cols = resize_matrices(crop_box, clip.shape[1:3], out_size, flip)
+  frames = clip.astype(jnp.float32)
+  frames = jnp.einsum("sh,lhwc->lswc", rows, frames, precision=_HIGHEST)
+  frames = jnp.einsum("tw,lswc->lstc", cols, frames, precision=_HIGHEST)
+  return frames * (1.0 / 255.0)
+
+
+# --- Colour (images (..., H, W, 3) float in [0, 1]) -------------------------------------
+
+
+def rgb_to_gray(images: jax.Array) -> jax.Array:
+  """(..., H, W, 3) -> (..., H, W) luma with torchvision's weights."""
+  return jnp.tensordot(images, jnp.asarray(GRAY_WEIGHTS, images.dtype), axes=([-1], [0]))
+
+
+def grayscale(images: jax.Array) -> jax.Array:
+  """Luma copied into three channels."""
+  return jnp.broadcast_to(rgb_to_gray(images)[..., None], images.shape)
+
+
+def _blend(images: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
+  return jnp.clip(factor * images + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def adjust_brightness(images: jax.Array, factor: jax.Array) -> jax.Array:
+  return _blend(images, jnp.zeros_like(images), factor)
+
+
+def adjust_contrast(images: jax.Array, factor: jax.Array) -> jax.Array:
+  """Blends with the mean grey level of each image (frame)."""
+  mean_gray = rgb_to_gray(images).mean(axis=(-2, -1), keepdims=True)[..., None]
+  return _blend(images, mean_gray, factor)
+
+
+def adjust_saturation(images: jax.Array, factor: jax.Array) -> jax.Array:
+  return _blend(images, grayscale(images), factor)
+
+
+def rgb_to_hsv(images: jax.Array) -> jax.Array:
+  """torchvision's _rgb2hsv, channels last; hue in turns [0, 1)."""
+  red, green, blue = images[..., 0], images[..., 1], images[..., 2]
+  max_c = images.max(axis=-1)
+  min_c = images.min(axis=-1)
+  grey = max_c == min_c
+  chroma = max_c - min_c
+  saturation = chroma / jnp.where(grey, 1.0, max_c)
+  divisor = jnp.where(grey, 1.0, chroma)
+  red_c = (max_c - red) / divisor
+  green_c = (max_c - green) / divisor
+  blue_c = (max_c - blue) / divisor
+  is_red = max_c == red
+  is_green = (max_c == green) & ~is_red
+  is_blue = ~is_red & ~is_green
+  hue = (is_red * (blue_c - green_c) + is_green * (2.0 + red_c - blue_c)
+         + is_blue * (4.0 + green_c - red_c))
+  hue = jnp.mod(hue / 6.0 + 1.0, 1.0)
+  return jnp.stack([hue, saturation, max_c], axis=-1)
+
+
+def hsv_to_rgb(images: jax.Array) -> jax.Array:
+  """torchvision's _hsv2rgb, channels last."""
+  hue, saturation, value = images[..., 0], images[..., 1], images[..., 2]
+  sector = jnp.floor(hue * 6.0)
+  fraction = hue * 6.0 - sector
+  sector = jnp.mod(sector.astype(jnp.int32), 6)
+  p = jnp.clip(value * (1.0 - saturation), 0.0, 1.0)
+  q = jnp.clip(value * (1.0 - saturation * fraction), 0.0, 1.0)
+  t = jnp.clip(value * (1.0 - saturation * (1.0 - fraction)), 0.0, 1.0)
+  red = jnp.select([sector == i for i in range(6)], [value, q, p, p, t, value])
+  green = jnp.select([sector == i for i in range(6)], [t, value, value, q, p, p])
+  blue = jnp.select([sector == i for i in range(6)], [p, p, t, value, value, q])
+  return jnp.stack([red, green, blue], axis=-1)
+
+
+def adjust_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
+  """Rotates hue by `shift` turns (torchvision's hue_factor)."""
+  hsv = rgb_to_hsv(images)
+  hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + shift, 1.0))
+  return hsv_to_rgb(hsv)
+
+
+def color_jitter(images: jax.Array, brightness: jax.Array, contrast: jax.Array,
+                 saturation: jax.Array, hue: jax.Array, order: jax.Array) -> jax.Array:
+  """The four adjustments in the order given by `order`, a permutation of range(4).
+
+  Branch-free: each position computes all four ops and selects one (what `lax.switch`
+  becomes under `vmap` anyway; `switch` also trips `shard_map`'s replication checks).
+  """
+  def apply_position(position, images):
+    candidates = (adjust_brightness(images, brightness), adjust_contrast(images, contrast),
+                  adjust_saturation(images, saturation), adjust_hue(images, hue))
+    return jnp.select([order[position] == op for op in range(4)], candidates)
+
+  # A loop rather than 4 unrolled copies: a quarter of the program to compile.
+  return jax.lax.fori_loop(0, 4, apply_position, images)
+
+
+# --- Blur and normalisation -------------------------------------------------------------
+
+
+def blur_radius(size: int) -> int:
+  """Kernel half-width: the kernel spans ~10% of the image (23 taps at 224 px)."""
+  return min(max(1, int(0.1 * size) // 2), size - 1)
+
+
+def blur_matrix(sigma: jax.Array, size: int, radius: int) -> jax.Array:
+  """(size, size) Gaussian filter with reflect borders; rows sum to 1."""
+  offsets = jnp.arange(-radius, radius + 1)
+  kernel = jnp.exp(-0.5 * (offsets.astype(jnp.float32) / sigma) ** 2)
+  kernel = kernel / kernel.sum()
+  sources = jnp.arange(size)[:, None] + offsets[None, :]  # (size, taps)
+  sources = jnp.abs(sources)  # reflect at 0 (-1 -> 1)
+  sources = jnp.where(sources > size - 1, 2 * (size - 1) - sources, sources)
+  one_hot = jax.nn.one_hot(sources, size, dtype=jnp.float32)  # (size, taps, size)
+  return jnp.einsum("k,pkq->pq", kernel, one_hot)
+
+
+def gaussian_blur(images: jax.Array, sigma: jax.Array,
+                  enabled: jax.Array | bool = True) -> jax.Array:
+  """Separable blur of (..., H, W, 3) images; `enabled=False` is an exact identity."""
+  height, width = images.shape[-3], images.shape[-2]
+  rows = blur_matrix(sigma, height, blur_radius(min(height, width)))
+  cols = blur_matrix(sigma, width, blur_radius(min(height, width)))
+  rows = jnp.where(enabled, rows, jnp.eye(height, dtype=rows.dtype))
+  cols = jnp.where(enabled, cols, jnp.eye(width, dtype=cols.dtype))
+  images = jnp.einsum("ph,...hwc->...pwc", rows, images, precision=_HIGHEST)
+  return jnp.einsum("qw,...pwc->...pqc", cols, images, precision=_HIGHEST)
+
+
+def normalize(images: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+  return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
+
+
+def denormalize_to_uint8(images: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+  """Inverse of `normalize` back to 0..255 (for inspection and tests)."""
+  images = images.astype(jnp.float32) * jnp.asarray(std) + jnp.asarray(mean)
+  return jnp.clip(jnp.round(images * 255.0), 0, 255).astype(jnp.uint8)
+
+
+# --- Sample / apply ----------------------------------------------------------------------
+
+
+def sample_augment_params(key: jax.Array, aug_config: Any, in_hw: Sequence[int],
+                          out_size: int) -> AugmentParams:
+  """One clip's parameters drawn from the MoCo v2 distributions in `aug_config`."""
+  validate_augment_config(aug_config)
+  _check_sizes(in_hw, out_size)
+  # One draw for everything: each random call inlines a threefry hash, and XLA's compile
+  # time grows with their number (this runs vmapped over every slot of the montage).
+  num_crop_draws = 2 * NUM_CROP_TRIES + 2
+  uniforms = jax.random.uniform(key, (num_crop_draws + 13,))
+  (flip_u, jitter_u, gray_u, blur_u, brightness_u, contrast_u, saturation_u, hue_u,
+   sigma_u, *order_u) = uniforms[num_crop_draws:]
+
+  def between(uniform, low, high):
+    return low + (high - low) * uniform
+
+  def factor(uniform, strength):
+    return between(uniform, max(0.0, 1.0 - strength), 1.0 + strength)
+
+  sigma_scale = out_size / BLUR_REFERENCE_SIZE
+  return AugmentParams(
+      crop_box=crop_box_from_uniforms(uniforms[:num_crop_draws], in_hw, aug_config.crop_scale,
+                                      aug_config.crop_ratio),
+      flip=flip_u < aug_config.flip_prob,
+      jitter=jitter_u < aug_config.jitter_prob,
+      brightness=factor(brightness_u, aug_config.brightness),
+      contrast=factor(contrast_u, aug_config.contrast),
+      saturation=factor(saturation_u, aug_config.saturation),
+      hue=between(hue_u, -aug_config.hue, aug_config.hue),
+      jitter_order=jnp.argsort(jnp.stack(order_u)).astype(jnp.int32),  # uniform permutation
+      grayscale=gray_u < aug_config.grayscale_prob,
+      blur=blur_u < aug_config.blur_prob,
+      blur_sigma=sigma_scale * between(sigma_u, *aug_config.blur_sigma),
+      out_size=int(out_size),
+      mean=tuple(float(m) for m in aug_config.mean),
+      std=tuple(float(s) for s in aug_config.std),
+  )
+
+
+def center_crop_params(in_hw: Sequence[int], out_size: int,
+                       mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> AugmentParams:
+  """Augmentation off: the largest centred square, resized to S; no colour ops, no flip."""
+  _check_sizes(in_hw, out_size)
+  height, width = in_hw
+  side = min(height, width)
+  false = jnp.zeros((), bool)
+  one = jnp.ones((), jnp.float32)
+  return AugmentParams(
+      crop_box=jnp.asarray([(height - side) // 2, (width - side) // 2, side, side], jnp.int32),
+      flip=false, jitter=false, brightness=one, contrast=one, saturation=one,
+      hue=jnp.zeros((), jnp.float32), jitter_order=jnp.arange(4, dtype=jnp.int32),
+      grayscale=false, blur=false, blur_sigma=one,
+      out_size=int(out_size), mean=tuple(float(m) for m in mean),
+      std=tuple(float(s) for s in std))
+
+
+def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """(L, H, W, 3) uint8 -> (L, S, S, 3) normalised `dtype`, one parameter set for all frames."""
+  if clip.ndim != 4 or clip.shape[-1] != 3:
+    raise ValueError(f"Expected a clip (L, H, W, 3), got shape {clip.shape}.")
+  if clip.dtype != jnp.uint8:
+    raise TypeError(f"Expected a uint8 clip, got {clip.dtype}.")
+  dtype = resolve_dtype(dtype)
+  frames = crop_resize_flip(clip, params.crop_box, params.flip, params.out_size)
+  jittered = color_jitter(frames, params.brightness, params.contrast, params.saturation,
+                          params.hue, params.jitter_order)
+  frames = jnp.where(params.jitter, jittered, frames)
+  frames = jnp.where(params.grayscale, grayscale(frames), frames)
+  frames = gaussian_blur(frames, params.blur_sigma, params.blur)
+  return normalize(frames, params.mean, params.std).astype(dtype)  # (L, S, S, 3)
+
+
+def augment_clip(key: jax.Array, clip: jax.Array, aug_config: Any, out_size: int,
+                 dtype: Any = jnp.float32) -> jax.Array:
+  """Sample and apply in one go: (L, H, W, 3) uint8 -> (L, S, S, 3) `dtype`."""
+  params = sample_augment_params(key, aug_config, clip.shape[1:3], out_size)
+  return apply_augment(params, clip, dtype)
+
+
+def center_crop_resize(clip: jax.Array, out_size: int, dtype: Any = jnp.float32,
+                       mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+  """Evaluation / augmentation-off transform: centred square crop, resize, normalise."""
+  return apply_augment(center_crop_params(clip.shape[1:3], out_size, mean, std), clip, dtype)
+

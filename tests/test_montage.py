@@ -1,0 +1,239 @@
+"""Video Montage: assignment invariants, exact content, variant parameter sharing, devices."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.pretrain import get_config
+from tcvm_jax import augment, mesh as mesh_lib, montage
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MESH = mesh_lib.create_mesh(jax.devices()[:1])
+
+
+def assignments(num_videos: int, num_clips: int, num_keys: int) -> tuple[np.ndarray, np.ndarray]:
+  keys = jax.random.split(jax.random.key(1000 * num_videos + num_clips), num_keys)
+  sources, clips = jax.jit(jax.vmap(
+      lambda k: montage.montage_assignment(k, num_videos, num_clips)))(keys)
+  return np.asarray(sources), np.asarray(clips)
+
+
+def id_videos(num_videos: int, num_frames: int, size: int) -> np.ndarray:
+  """Pixels encode (video, frame, position) so any mix-up shows."""
+  videos = np.zeros((num_videos, num_frames, size, size, 3), np.uint8)
+  videos[..., 0] = np.arange(num_videos)[:, None, None, None] * 9
+  videos[..., 1] = np.arange(num_frames)[None, :, None, None] * 13
+  videos[..., 2] = (np.arange(size * size).reshape(size, size) * 5) % 256
+  return videos
+
+
+def slot_clips(pseudo_videos: np.ndarray, num_clips: int) -> np.ndarray:
+  """(N, T, ...) -> (N, s, T/s, ...)."""
+  num, frames = pseudo_videos.shape[:2]
+  return pseudo_videos.reshape(num, num_clips, frames // num_clips, *pseudo_videos.shape[2:])
+
+
+# --- The assignment ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_videos,num_clips", [
+    (1, 4), (3, 4), (4, 4), (6, 4), (7, 3), (64, 4), (5, 1), (9, 8)])
+def test_assignment_invariants(num_videos, num_clips):
+  sources, clips = assignments(num_videos, num_clips, num_keys=300)
+  assert sources.shape == clips.shape == (300, num_videos, num_clips)
+  assert sources.dtype == clips.dtype == np.int32
+  # Clip k keeps temporal slot k (our documented choice).
+  np.testing.assert_array_equal(clips, np.broadcast_to(np.arange(num_clips), clips.shape))
+  # Every (source, clip) is used exactly once.
+  pair_ids = np.sort((sources * num_clips + clips).reshape(300, -1), axis=1)
+  np.testing.assert_array_equal(pair_ids, np.tile(np.arange(num_videos * num_clips), (300, 1)))
+  per_row = np.stack([(sources == m).sum(axis=2) for m in range(num_videos)], axis=-1)
+  if num_videos >= num_clips:
+    # s different sources per pseudo-video, and a source's clips in s different ones.
+    assert per_row.max() == 1
+    for batch in sources[:50]:
+      for m in range(num_videos):
+        rows = np.nonzero(batch == m)[0]
+        assert len(set(rows.tolist())) == num_clips
+  else:
+    # Unavoidable repeats are spread as evenly as possible.
+    assert per_row.max() == math.ceil(num_clips / num_videos)
+    assert per_row.min() == num_clips // num_videos
+
+
+def test_assignment_is_random_and_deterministic():
+  sources, _ = assignments(8, 4, num_keys=800)
+  # The source of slot (0, 0) is uniform over the 8 videos.
+  counts = np.bincount(sources[:, 0, 0], minlength=8)
+  assert counts.min() > 100 - 5 * 9.4 and counts.max() < 100 + 5 * 9.4  # binomial sd ~9.4
+  assert len({batch.tobytes() for batch in sources}) > 790
+  again = montage.montage_assignment(jax.random.split(jax.random.key(8004), 800)[3], 8, 4)
+  np.testing.assert_array_equal(np.asarray(again[0]), sources[3])
+
+
+def test_identity_assignment_is_no_shuffle():
+  sources, clips = montage.identity_assignment(5, 3)
+  np.testing.assert_array_equal(np.asarray(sources), np.repeat(np.arange(5)[:, None], 3, 1))
+  np.testing.assert_array_equal(np.asarray(clips), np.tile(np.arange(3), (5, 1)))
+
+
+# --- Content without augmentation -------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_videos,variant", [(6, "C-A-S"), (3, "C-A-S"), (4, "C-A")])
+def test_slots_hold_exact_source_clips(num_videos, variant):
+  num_clips, num_frames, size = 4, 8, 8
+  videos = id_videos(num_videos, num_frames, size)
+  fn = jax.jit(lambda v, k: montage.video_montage(
+      v, k, mesh=MESH, num_clips=num_clips, variant=variant, aug_config=None))
+  pseudo_videos, source_ids = fn(jnp.asarray(videos), jax.random.key(5))
+  assert pseudo_videos.shape == (num_videos, num_frames, size, size, 3)
+  assert pseudo_videos.dtype == jnp.float32 and source_ids.dtype == jnp.int32
+  frames = slot_clips(np.asarray(augment.denormalize_to_uint8(pseudo_videos)), num_clips)
+  source_ids = np.asarray(source_ids)
+  source_clips = slot_clips(videos, num_clips)  # (N, s, L, H, W, 3)
+  for n in range(num_videos):
+    for k in range(num_clips):
+      np.testing.assert_array_equal(frames[n, k], source_clips[source_ids[n, k], k])
+  # source_ids name the video the pixels came from.
+  np.testing.assert_array_equal(frames[:, :, 0, 0, 0, 0] // 9, source_ids)
+  if variant == "C-A":
+    np.testing.assert_array_equal(source_ids, np.repeat(np.arange(num_videos)[:, None], 4, 1))
+  elif num_videos >= num_clips:
+    assert all(len(set(row)) == num_clips for row in source_ids.tolist())
+
+
+# --- Which slots share augmentation parameters ------------------------------------------
+
+
+def param_fingerprints(params: augment.AugmentParams) -> np.ndarray:
+  """(N, s, F) float64 concatenation of every parameter leaf."""
+  leaves = [np.asarray(leaf, np.float64).reshape(leaf.shape[:2] + (-1,))
+            for leaf in jax.tree.leaves(params)]
+  return np.concatenate(leaves, axis=-1)
+
+
+def sharing_matrix(fingerprints: np.ndarray) -> np.ndarray:
+  flat = fingerprints.reshape(-1, fingerprints.shape[-1])
+  return (flat[:, None, :] == flat[None, :, :]).all(axis=-1)
+
+
+@pytest.mark.parametrize("variant", montage.VARIANTS)
+def test_variant_parameter_sharing(variant):
+  num_videos, num_clips = 6, 3
+  config = get_config().augment
+  key = jax.random.key(11)
+  if variant == "C-A":
+    sources, clips = montage.identity_assignment(num_videos, num_clips)
+  else:
+    sources, clips = montage.montage_assignment(key, num_videos, num_clips)
+  sample = jax.jit(lambda k, ids: montage.montage_augment_params(k, ids, config, (16, 16), 12))
+  params = sample(key, montage.augment_param_ids(sources, clips, variant))
+  shared = sharing_matrix(param_fingerprints(params))
+  source_of = np.asarray(sources).reshape(-1)
+  row_of = np.repeat(np.arange(num_videos), num_clips)
+  slot_of = np.arange(num_videos * num_clips)
+  expected_group = {"C-A-S": slot_of, "C-A": slot_of, "A-C-S": source_of, "C-S-A": row_of}
+  group = expected_group[variant]
+  np.testing.assert_array_equal(shared, group[:, None] == group[None, :])
+  if variant in ("C-A-S", "C-A"):
+    # A clip's parameters depend on (source, clip), not on where the shuffle puts it.
+    unshuffled = sample(key, montage.augment_param_ids(
+        *montage.identity_assignment(num_videos, num_clips), "C-A"))
+    by_pair = param_fingerprints(unshuffled)
+    ours = param_fingerprints(params)
+    clip_of = np.asarray(clips)
+    for n in range(num_videos):
+      for k in range(num_clips):
+        np.testing.assert_array_equal(ours[n, k], by_pair[source_of[n * num_clips + k],
+                                                          clip_of[n, k]])
+
+
+def static_videos(num_videos, num_frames, size, seed, same_for_all=False) -> np.ndarray:
+  """Each video is one random image held still; optionally the same image for all."""
+  images = np.random.RandomState(seed).randint(0, 256, (num_videos, 1, size, size, 3))
+  if same_for_all:
+    images = np.repeat(images[:1], num_videos, axis=0)
+  return np.repeat(images, num_frames, axis=1).astype(np.uint8)
+
+
+def test_outputs_reveal_variant_sharing():
+  num_videos, num_clips, num_frames = 4, 2, 4
+  config = get_config("demo")
+  config.montage.num_clips, config.montage.output_size = num_clips, 12
+  key = jax.random.key(3)
+  per_video = jnp.asarray(static_videos(num_videos, num_frames, 16, seed=0))
+  identical = jnp.asarray(static_videos(num_videos, num_frames, 16, seed=1, same_for_all=True))
+
+  def run(variant, videos):
+    config.montage.variant = variant
+    pseudo_videos, source_ids = montage.make_montage_fn(config, MESH)(videos, key)
+    return slot_clips(np.asarray(pseudo_videos), num_clips), np.asarray(source_ids)
+
+  # 'A-C-S': a still video's clips are equal inputs with shared params -> equal outputs.
+  clips, source_ids = run("A-C-S", per_video)
+  for m in range(num_videos):
+    outputs = clips[source_ids == m]  # (s, L, S, S, 3)
+    assert all(np.array_equal(outputs[0], other) for other in outputs[1:])
+  # 'C-A-S': the same inputs with independent params differ.
+  clips, source_ids = run("C-A-S", per_video)
+  for m in range(num_videos):
+    outputs = clips[source_ids == m]
+    assert not all(np.array_equal(outputs[0], other) for other in outputs[1:])
+  # 'C-S-A': all inputs equal -> the slots of a pseudo-video are equal, others differ.
+  clips, _ = run("C-S-A", identical)
+  for n in range(num_videos):
+    assert np.array_equal(clips[n, 0], clips[n, 1])
+  assert not np.array_equal(clips[0, 0], clips[1, 0])
+  # Every frame of a clip shares its parameters: still inputs stay still.
+  np.testing.assert_array_equal(clips, np.broadcast_to(clips[:, :, :1], clips.shape))
+
+
+# --- Errors and the multi-device run ----------------------------------------------------
+
+
+def test_bad_settings_raise_clear_errors():
+  videos = jnp.zeros((4, 6, 8, 8, 3), jnp.uint8)
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="data.num_frames=6.*montage.num_clips=4"):
+    montage.video_montage(videos, key, mesh=MESH, num_clips=4)
+  with pytest.raises(ValueError, match="montage.variant"):
+    montage.video_montage(videos, key, mesh=MESH, num_clips=2, variant="S-C-A")
+  with pytest.raises(TypeError, match="uint8"):
+    montage.video_montage(videos.astype(jnp.float32), key, mesh=MESH, num_clips=2)
+  with pytest.raises(ValueError, match="montage.num_clips"):
+    montage.montage_assignment(key, 4, 0)
+  config = get_config()
+  config.montage.variant = "CAS"
+  with pytest.raises(ValueError, match="montage.variant"):
+    montage.make_montage_fn(config, MESH)
+
+
+def test_one_and_four_devices_give_identical_montages():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, str(REPO_ROOT / "tests/multidevice_montage_check.py")],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for name in ("C-A-S/aug", "C-A-S/noaug"):
+    case = report[name]
+    assert case["ids_equal"] and case["videos_equal"], (name, case["max_abs_diff"])
+    assert case["num_shards"] == 4 and case["spec"] == "P('data',)"
+    assert len(case["shard_shapes"]) == 1 and case["shard_shapes"][0][0] == 2  # 8 videos / 4
+    source_ids = np.asarray(case["source_ids"])
+    assert all(len(set(row)) == 4 for row in source_ids.tolist())
+    np.testing.assert_array_equal(np.sort(source_ids.reshape(-1)), np.repeat(np.arange(8), 4))
+  assert report["C-A-S/noaug"]["content_exact"]
+  assert "config.batch_size=6" in report["indivisible_batch_error"]
