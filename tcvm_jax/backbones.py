@@ -1,0 +1,214 @@
+"""Video ResNet backbones that keep every frame: R3D50 (Slow pathway) and TSM50.
+
+Both map (B, T, H, W, 3) to frame-wise features (B, T, H/32, W/32, C) with T preserved
+(TCVM removes all temporal down-sampling, paper Sec. 4.1), C = `num_features`.
+
+  R3D50 = pytorchvideo `slow_r50` without its head: temporal kernel 3 in the first 1x1
+          conv of every block of res4/res5, 31,634,496 parameters.
+  TSM50 = torchvision ResNet-50 without fc, per frame, with the Temporal Shift Module on
+          the input of every residual branch, 23,508,032 parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tcvm_jax import layers
+
+Dtype = Any
+
+
+def temporal_shift(x: jax.Array, shift_div: int = 8) -> jax.Array:
+  """Temporal Shift Module (Lin et al. 2019), zero-filled, within each video.
+
+  x: (B, T, H, W, C). Channels [0, C//shift_div) take the NEXT frame's values
+  (out[t] = x[t+1], zero at t = T-1); channels [C//shift_div, 2*C//shift_div) take the
+  PREVIOUS frame's (out[t] = x[t-1], zero at t = 0); the rest are unchanged. This is the
+  channel layout of the official TSM code (`shift` with fold_div=8). Videos never mix:
+  time is its own axis.
+  """
+  fold = x.shape[-1] // shift_div
+  if fold == 0:
+    return x
+  zeros = jnp.zeros_like(x[:, :1, ..., :fold])
+  from_next = jnp.concatenate([x[:, 1:, ..., :fold], zeros], axis=1)
+  from_previous = jnp.concatenate([zeros, x[:, :-1, ..., fold:2 * fold]], axis=1)
+  return jnp.concatenate([from_next, from_previous, x[..., 2 * fold:]], axis=-1)
+
+
+class Bottleneck(nnx.Module):
+  """ResNet bottleneck: (kt,1,1) -> (1,3,3) with spatial stride -> (1,1,1), x4 expansion.
+
+  The stride sits on the 3x3 conv (pytorchvideo / torchvision v1.5). With `shift_div`
+  set, the residual branch sees the temporally shifted input; the shortcut does not.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      inner_features: int,
+      *,
+      temporal_kernel: int,
+      stride: int,
+      shift_div: int | None,
+      zero_init_residual: bool,
+      dtype: Dtype | None,
+      bn_axis_name: str | None,
+      bn_momentum: float,
+      rngs: nnx.Rngs,
+  ):
+    out_features = 4 * inner_features
+    conv = functools.partial(layers.VideoConv, dtype=dtype, rngs=rngs)
+    bn = functools.partial(layers.batch_norm, axis_name=bn_axis_name, momentum=bn_momentum,
+                           dtype=dtype, rngs=rngs)
+    self.shift_div = shift_div
+    self.conv_a = conv(in_features, inner_features, (temporal_kernel, 1, 1))
+    self.bn_a = bn(inner_features)
+    self.conv_b = conv(inner_features, inner_features, (1, 3, 3), stride=stride)
+    self.bn_b = bn(inner_features)
+    self.conv_c = conv(inner_features, out_features, (1, 1, 1))
+    self.bn_c = bn(out_features, zero_init_scale=zero_init_residual)
+    if stride != 1 or in_features != out_features:
+      self.shortcut_conv = conv(in_features, out_features, (1, 1, 1), stride=stride)
+      self.shortcut_bn = bn(out_features)
+    else:
+      self.shortcut_conv = self.shortcut_bn = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    residual = temporal_shift(x, self.shift_div) if self.shift_div else x
+    residual = nnx.relu(self.bn_a(self.conv_a(residual)))
+    residual = nnx.relu(self.bn_b(self.conv_b(residual)))
+    residual = self.bn_c(self.conv_c(residual))
+    shortcut = x
+    if self.shortcut_conv is not None:
+      shortcut = self.shortcut_bn(self.shortcut_conv(x))
+    return nnx.relu(residual + shortcut)
+
+
+class VideoResNet(nnx.Module):
+  """ResNet with (1,7,7) stem, 3x3 max-pool and 4 bottleneck stages; no temporal stride.
+
+  `stage_temporal_kernels[i]` is the kt of conv_a in every block of stage i;
+  `shift_div` (None: off) turns on the Temporal Shift Module in every block.
+  Attributes: `stem_conv`, `stem_bn`, `stages` (a list of lists of `Bottleneck`).
+  """
+
+  def __init__(
+      self,
+      *,
+      stage_sizes: Sequence[int],
+      stage_temporal_kernels: Sequence[int],
+      width: int = 64,
+      shift_div: int | None = None,
+      zero_init_residual: bool = True,
+      dtype: Dtype | None = None,
+      bn_axis_name: str | None = None,
+      bn_momentum: float = 0.9,
+      rngs: nnx.Rngs,
+  ):
+    if len(stage_sizes) != len(stage_temporal_kernels):
+      raise ValueError(f"stage_sizes {tuple(stage_sizes)} and stage_temporal_kernels "
+                       f"{tuple(stage_temporal_kernels)} must have the same length.")
+    if width < 1 or any(n < 1 for n in stage_sizes):
+      raise ValueError(f"width ({width}) and every stage size ({tuple(stage_sizes)}) must "
+                       f"be >= 1.")
+    dtype = jnp.dtype(dtype) if dtype is not None else None
+    self.stem_conv = layers.VideoConv(3, width, (1, 7, 7), stride=2, dtype=dtype, rngs=rngs)
+    self.stem_bn = layers.batch_norm(width, axis_name=bn_axis_name, momentum=bn_momentum,
+                                     dtype=dtype, rngs=rngs)
+    stages = []
+    in_features = width
+    for stage_index, (num_blocks, temporal_kernel) in enumerate(
+        zip(stage_sizes, stage_temporal_kernels)):
+      inner_features = width * 2**stage_index
+      blocks = []
+      for block_index in range(num_blocks):
+        blocks.append(Bottleneck(
+            in_features, inner_features, temporal_kernel=temporal_kernel,
+            stride=2 if stage_index > 0 and block_index == 0 else 1, shift_div=shift_div,
+            zero_init_residual=zero_init_residual, dtype=dtype, bn_axis_name=bn_axis_name,
+            bn_momentum=bn_momentum, rngs=rngs))
+        in_features = 4 * inner_features
+      stages.append(nnx.List(blocks))
+    self.stages = nnx.List(stages)
+    self.num_features = in_features
+    self.dtype = dtype
+
+  def __call__(self, videos: jax.Array) -> jax.Array:
+    """videos: (B, T, H, W, 3) float -> frame features (B, T, H/32, W/32, C)."""
+    if videos.ndim != 5 or videos.shape[-1] != 3:
+      raise ValueError(f"Backbone expects videos of shape (B, T, H, W, 3); got {videos.shape}.")
+    if self.dtype is not None:
+      videos = videos.astype(self.dtype)
+    x = nnx.relu(self.stem_bn(self.stem_conv(videos)))
+    x = layers.max_pool_spatial(x)
+    for blocks in self.stages:
+      for block in blocks:
+        x = block(x)
+    return x
+
+
+class ResNet3D(VideoResNet):
+  """Slow-only 3D ResNet (SlowFast's Slow pathway); R3D50 by default."""
+
+  def __init__(
+      self,
+      *,
+      stage_sizes: Sequence[int] = (3, 4, 6, 3),
+      stage_temporal_kernels: Sequence[int] = (1, 1, 3, 3),
+      width: int = 64,
+      **kwargs,
+  ):
+    super().__init__(stage_sizes=stage_sizes, stage_temporal_kernels=stage_temporal_kernels,
+                     width=width, shift_div=None, **kwargs)
+
+
+class TSMResNet(VideoResNet):
+  """2D ResNet applied per frame with the Temporal Shift Module; TSM50 by default."""
+
+  def __init__(
+      self,
+      *,
+      stage_sizes: Sequence[int] = (3, 4, 6, 3),
+      width: int = 64,
+      shift_div: int = 8,
+      **kwargs,
+  ):
+    if shift_div < 2:
+      raise ValueError(f"TSM shift_div must be >= 2 (1/shift_div of channels shift each "
+                       f"way); got {shift_div}.")
+    super().__init__(stage_sizes=stage_sizes, stage_temporal_kernels=(1,) * len(stage_sizes),
+                     width=width, shift_div=shift_div, **kwargs)
+
+
+_TINY = dict(stage_sizes=(1, 1, 1, 1), width=8)
+
+BACKBONES: dict[str, Callable[..., VideoResNet]] = {
+    "r3d50": functools.partial(ResNet3D, stage_sizes=(3, 4, 6, 3)),
+    "tsm50": functools.partial(TSMResNet, stage_sizes=(3, 4, 6, 3)),
+    # Same code paths at a fraction of the cost; r3d_tiny keeps kt=3 in stages 3-4.
+    "r3d_tiny": functools.partial(ResNet3D, **_TINY),
+    "tsm_tiny": functools.partial(TSMResNet, **_TINY),
+}
+
+
+def get_backbone(
+    name: str,
+    *,
+    dtype: Dtype | str | None = None,
+    bn_axis_name: str | None = None,
+    bn_momentum: float = 0.9,
+    rngs: nnx.Rngs,
+    **kwargs,
+) -> VideoResNet:
+  """Builds a registered backbone; `kwargs` override its architecture settings."""
+  if name not in BACKBONES:
+    raise ValueError(f"Unknown backbone {name!r} (config.model.backbone); choose from "
+                     f"{sorted(BACKBONES)}.")
+  return BACKBONES[name](dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=bn_momentum,
+                         rngs=rngs, **kwargs)

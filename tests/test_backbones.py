@@ -1,0 +1,218 @@
+"""Backbones: exact parameter counts, the 2D-lowered conv vs a true 3D conv, TSM shift."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tcvm_jax import backbones, layers
+
+
+def count_params(module: nnx.Module) -> int:
+  return sum(int(leaf.size) for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+# --- Full-size models: counts and shapes without allocating anything ----------
+
+# pytorchvideo slow_r50 (32,454,096) minus its 2048x400 head; torchvision resnet50
+# (25,557,032) minus its 2048x1000 fc.
+@pytest.mark.parametrize("name, expected_params", [("r3d50", 32_454_096 - (2048 * 400 + 400)),
+                                                    ("tsm50", 25_557_032 - (2048 * 1000 + 1000))])
+def test_full_backbone_param_count_and_output_shape(name, expected_params):
+  backbone = nnx.eval_shape(lambda: backbones.get_backbone(name, rngs=nnx.Rngs(0)))
+  assert count_params(backbone) == expected_params
+  assert backbone.num_features == 2048
+  frame_features = nnx.eval_shape(lambda b, x: b(x), backbone,
+                                  jax.ShapeDtypeStruct((2, 32, 112, 112, 3), jnp.float32))
+  assert frame_features.shape == (2, 32, 4, 4, 2048)
+
+
+def test_r3d50_temporal_kernels_only_in_res4_res5_conv_a():
+  backbone = nnx.eval_shape(lambda: backbones.get_backbone("r3d50", rngs=nnx.Rngs(0)))
+  for stage_index, blocks in enumerate(backbone.stages):
+    for block in blocks:
+      assert block.conv_a.kernel.shape[0] == (3 if stage_index >= 2 else 1)
+      assert block.conv_b.kernel.shape[:3] == (1, 3, 3)
+      assert block.conv_c.kernel.shape[:3] == (1, 1, 1)
+  tiny = nnx.eval_shape(lambda: backbones.get_backbone("r3d_tiny", rngs=nnx.Rngs(0)))
+  assert [blocks[0].conv_a.kernel.shape[0] for blocks in tiny.stages] == [1, 1, 3, 3]
+
+
+# --- VideoConv == 3D convolution -------------------------------------------------
+
+@pytest.mark.parametrize("kernel_size, stride", [
+    ((1, 3, 3), 1), ((1, 3, 3), 2), ((1, 7, 7), 2), ((3, 1, 1), 1), ((5, 1, 1), 1),
+    ((1, 1, 1), 1), ((1, 1, 1), 2), ((3, 1, 1), 2)])
+def test_video_conv_matches_3d_convolution(kernel_size, stride):
+  conv = layers.VideoConv(5, 6, kernel_size, stride=stride, rngs=nnx.Rngs(0))
+  videos = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 9, 8, 5)),
+                       jnp.float32)  # odd H on purpose
+  kt, kh, kw = kernel_size
+  reference = jax.lax.conv_general_dilated(
+      videos, conv.kernel[...], window_strides=(1, stride, stride),
+      padding=((kt // 2, kt // 2), (kh // 2, kh // 2), (kw // 2, kw // 2)),
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(np.asarray(conv(videos)), np.asarray(reference),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3, 3), (3, 1, 3), (1, 2, 2), (2, 1, 1)])
+def test_video_conv_rejects_unsupported_kernels(kernel_size):
+  with pytest.raises(ValueError, match="kernel"):
+    layers.VideoConv(4, 4, kernel_size, rngs=nnx.Rngs(0))
+
+
+def test_video_conv_he_fan_out_init_and_dtypes():
+  conv = layers.VideoConv(64, 256, (3, 1, 1), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  kernel = np.asarray(conv.kernel[...])
+  assert kernel.dtype == np.float32
+  expected_std = np.sqrt(2.0 / (3 * 256))  # fan_out = kt*kh*kw*Cout
+  assert abs(kernel.std() / expected_std - 1) < 0.05
+  y = conv(jnp.ones((1, 3, 2, 2, 64)))
+  assert y.dtype == jnp.bfloat16
+
+
+# --- Temporal Shift Module --------------------------------------------------------
+
+def numpy_temporal_shift(x, shift_div):
+  """Loops over frames: channels [0, f) read frame t+1, [f, 2f) read t-1, zero outside."""
+  out = np.zeros_like(x)
+  frames, channels = x.shape[1], x.shape[-1]
+  fold = channels // shift_div
+  for t in range(frames):
+    if t + 1 < frames:
+      out[:, t, ..., :fold] = x[:, t + 1, ..., :fold]
+    if t - 1 >= 0:
+      out[:, t, ..., fold:2 * fold] = x[:, t - 1, ..., fold:2 * fold]
+    out[:, t, ..., 2 * fold:] = x[:, t, ..., 2 * fold:]
+  return out
+
+
+@pytest.mark.parametrize("channels, shift_div", [(16, 8), (20, 8), (12, 4)])
+def test_temporal_shift_matches_numpy(channels, shift_div):
+  x = np.random.default_rng(0).normal(size=(3, 5, 2, 2, channels)).astype(np.float32)
+  shifted = np.asarray(backbones.temporal_shift(jnp.asarray(x), shift_div))
+  np.testing.assert_array_equal(shifted, numpy_temporal_shift(x, shift_div))
+  fold = channels // shift_div
+  # Zero fill at the ends, not wrap-around.
+  assert np.all(shifted[:, -1, ..., :fold] == 0)
+  assert np.all(shifted[:, 0, ..., fold:2 * fold] == 0)
+
+
+def test_temporal_shift_never_mixes_videos():
+  x = np.random.default_rng(1).normal(size=(2, 4, 1, 1, 16)).astype(np.float32)
+  changed = x.copy()
+  changed[1] += 10.0
+  shifted = np.asarray(backbones.temporal_shift(jnp.asarray(x)))
+  shifted_changed = np.asarray(backbones.temporal_shift(jnp.asarray(changed)))
+  np.testing.assert_array_equal(shifted[0], shifted_changed[0])
+
+
+# --- Tiny backbones: real forward passes ---------------------------------------
+
+def jit_apply(module: nnx.Module):
+  """module(x) compiled over its split state (eager NNX calls compile op by op)."""
+  graphdef, state = nnx.split(module)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  return lambda x: forward(state, x)
+
+
+def changed_frames(backbone, videos, video_index, frame_index):
+  """Which output frames change when one input frame of one video is perturbed."""
+  perturbed = videos.at[video_index, frame_index].add(1.0)
+  features = jit_apply(backbone)(jnp.concatenate([videos, perturbed]))
+  difference = np.abs(np.asarray(features[len(videos):] - features[:len(videos)]))
+  return difference.max(axis=(2, 3, 4)) > 1e-6  # (B, T)
+
+
+@pytest.fixture(scope="module")
+def videos():
+  return jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 32, 32, 3)), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_backbones():
+  # Non-zero residual init so that the temporal mixing inside the branches is active;
+  # eval mode (running BN statistics) so that videos in a batch are independent.
+  built = {name: backbones.get_backbone(name, zero_init_residual=False, rngs=nnx.Rngs(0))
+           for name in ("r3d_tiny", "tsm_tiny")}
+  for backbone in built.values():
+    backbone.eval()
+  return built
+
+
+def test_zero_init_residual_by_default(tiny_backbones):
+  tiny = backbones.get_backbone("r3d_tiny", rngs=nnx.Rngs(0))
+  for blocks in tiny.stages:
+    assert np.all(np.asarray(blocks[0].bn_c.scale[...]) == 0)
+    assert np.all(np.asarray(blocks[0].bn_a.scale[...]) == 1)
+  assert np.all(np.asarray(tiny_backbones["r3d_tiny"].stages[0][0].bn_c.scale[...]) == 1)
+
+
+@pytest.mark.parametrize("name, receptive_radius", [("r3d_tiny", 2), ("tsm_tiny", 4)])
+def test_tiny_backbone_forward_and_temporal_receptive_field(name, receptive_radius, videos,
+                                                            tiny_backbones):
+  backbone = tiny_backbones[name]
+  frame_features = jit_apply(backbone)(videos)
+  assert frame_features.shape == (2, 8, 1, 1, 256) and backbone.num_features == 256
+  assert np.all(np.isfinite(np.asarray(frame_features)))
+
+  changed = changed_frames(backbone, videos, video_index=1, frame_index=3)
+  assert not changed[0].any(), "a perturbation in video 1 leaked into video 0"
+  frames = np.arange(8)
+  # r3d_tiny: two kt=3 convs (res4, res5) -> +-2 frames; tsm_tiny: 4 shifts -> +-4.
+  np.testing.assert_array_equal(changed[1] & (np.abs(frames - 3) > receptive_radius), False)
+  assert changed[1, 3] and changed[1, 2] and changed[1, 4]
+
+
+def test_per_frame_resnet3d_does_not_mix_frames(videos, tiny_backbones):
+  backbone = backbones.ResNet3D(stage_sizes=(1, 1, 1, 1), width=8,
+                                stage_temporal_kernels=(1, 1, 1, 1),
+                                zero_init_residual=False, rngs=nnx.Rngs(0))
+  backbone.eval()
+  changed = changed_frames(backbone, videos, video_index=0, frame_index=5)
+  expected = np.zeros((2, 8), dtype=bool)
+  expected[0, 5] = True
+  np.testing.assert_array_equal(changed, expected)
+
+
+def test_bfloat16_compute_float32_params(videos, tiny_backbones):
+  backbone = backbones.get_backbone("tsm_tiny", dtype="bfloat16", rngs=nnx.Rngs(0))
+  frame_features = jit_apply(backbone)(videos)
+  assert frame_features.dtype == jnp.bfloat16
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(backbone, nnx.Param))} == {
+      np.dtype(np.float32)}
+
+
+def test_get_backbone_unknown_name_lists_choices():
+  with pytest.raises(ValueError, match="r3d50.*tsm50|tsm50.*r3d50"):
+    backbones.get_backbone("resnet18", rngs=nnx.Rngs(0))
+
+
+def test_bn_axis_name_reaches_every_batch_norm():
+  backbone = nnx.eval_shape(lambda: backbones.get_backbone(
+      "r3d_tiny", bn_axis_name="data", bn_momentum=0.8, rngs=nnx.Rngs(0)))
+  norms = [m for _, m in nnx.iter_modules(backbone) if isinstance(m, nnx.BatchNorm)]
+  assert len(norms) == 1 + 4 * 4  # stem + (3 in branch + 1 shortcut) per block
+  assert all(n.axis_name == "data" and n.momentum == 0.8 and n.epsilon == 1e-5 for n in norms)
+
+
+def test_every_parameter_gets_a_gradient(videos, tiny_backbones):
+  # Catches non-differentiable ops (e.g. a max-pool JAX cannot transpose).
+  backbone = tiny_backbones["r3d_tiny"]  # eval mode, non-zero residual init
+  graphdef, params, batch_stats = nnx.split(backbone, nnx.Param, ...)
+
+  def loss_fn(params, inputs):
+    frame_features = nnx.merge(graphdef, params, batch_stats)(inputs)
+    return jnp.mean(frame_features**2)
+
+  grads = jax.jit(jax.grad(loss_fn))(params, videos[:1, :4])
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  assert len(leaves) == len(jax.tree.leaves(params))
+  for path, grad in leaves:
+    grad = np.asarray(grad)
+    assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0, jax.tree_util.keystr(path)
