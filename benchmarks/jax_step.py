@@ -1,0 +1,309 @@
+"""Timing helpers for the jitted JAX pretraining step (issue #6).
+
+Everything here runs on device-resident synthetic uint8 videos and never imports
+TensorFlow or clu (the GPU machine has neither).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tcvm_jax import mesh as mesh_lib
+from tcvm_jax import montage as montage_lib
+from tcvm_jax import optim
+from tcvm_jax import train_step as train_step_lib
+
+# Dense peak FLOP/s per device by compute dtype, matched as substrings of
+# `device.device_kind` (first match wins, so specific names come first).
+PEAK_FLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0e12, "float32": 378.0e12}),
+    ("H100 NVL", {"bfloat16": 835.0e12, "float32": 417.5e12}),
+    ("H100", {"bfloat16": 989.4e12, "float32": 494.7e12}),  # SXM; float32 means TF32.
+    ("H200", {"bfloat16": 989.4e12, "float32": 494.7e12}),
+    ("A100", {"bfloat16": 312.0e12, "float32": 156.0e12}),
+)
+
+COLLECTIVE_OPS = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter",
+                  "collective-permute")
+_HLO_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """The device's dense peak for `dtype`, or None where unknown (CPU included)."""
+  for name, peaks in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return peaks.get(dtype)
+  return None
+
+
+def median_time(fn: Callable[[], Any], *, steps: int, warmup: int) -> tuple[float, list[float]]:
+  """Median wall time of `fn()` (which must block until its work is done)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def flops_from_cost_analysis(cost: Any) -> float | None:
+  """'flops' out of `compiled.cost_analysis()` (a dict, or a list of dicts in older jax)."""
+  if cost is None:
+    return None
+  if isinstance(cost, (list, tuple)):
+    values = [flops_from_cost_analysis(c) for c in cost]
+    values = [v for v in values if v is not None]
+    return sum(values) if values else None
+  flops = cost.get("flops") if hasattr(cost, "get") else None
+  return float(flops) if flops is not None and flops >= 0 else None
+
+
+def collective_bytes(hlo_text: str | None) -> dict[str, dict[str, int]]:
+  """Count and result bytes of each collective in compiled (per-device) HLO text.
+
+  Async pairs are counted once, at their `-done` (whose result is the output buffer).
+  """
+  summary = {op: {"count": 0, "bytes": 0} for op in COLLECTIVE_OPS}
+  if not hlo_text:
+    return summary
+  pattern = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVE_OPS) + r")(-done)?\(")
+  for line in hlo_text.splitlines():
+    match = pattern.search(line)
+    if not match or f"{match.group(2)}-start(" in line:
+      continue
+    num_bytes = 0
+    for dtype, dims in re.findall(r"([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
+      size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+      num_bytes += size * _HLO_DTYPE_BYTES.get(dtype, 4)
+    summary[match.group(2)]["count"] += 1
+    summary[match.group(2)]["bytes"] += num_bytes
+  return summary
+
+
+def _sub_jaxprs(params: dict) -> list:
+  """Jaxprs nested in an equation's params (pjit, custom_jvp, remat, scan, cond...)."""
+  found = []
+  for value in params.values():
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+      inner = getattr(item, "jaxpr", None)  # ClosedJaxpr -> Jaxpr
+      candidate = inner if inner is not None and hasattr(inner, "eqns") else item
+      if hasattr(candidate, "eqns"):
+        found.append(candidate)
+  return found
+
+
+def count_macs(jaxpr) -> int:
+  """Multiply-accumulates of every convolution and matrix product in a jaxpr (recursive)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      rhs_shape = eqn.invars[1].aval.shape
+      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+      per_output = rhs_shape[rhs_spec[1]] * math.prod(rhs_shape[d] for d in rhs_spec[2:])
+      total += math.prod(eqn.outvars[0].aval.shape) * per_output
+    elif name == "dot_general":
+      (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+      lhs_shape = eqn.invars[0].aval.shape
+      total += (math.prod(eqn.outvars[0].aval.shape)
+                * math.prod(lhs_shape[d] for d in lhs_contracting))
+    for sub in _sub_jaxprs(eqn.params):
+      total += count_macs(sub)
+  return total
+
+
+def forward_macs_per_video(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Forward MACs per pseudo-video of the backbone and of the whole model (+ TC, OFC heads),
+  counted from their jaxprs (nothing is compiled or allocated)."""
+  graphdef, params, batch_stats = train_step_lib.abstract_model(config)
+  size = config.montage.output_size
+  frames, clips = config.data.num_frames, config.montage.num_clips
+  videos = jax.ShapeDtypeStruct((1, frames, size, size, 3), jnp.float32)
+
+  def backbone(params, batch_stats, videos):
+    return nnx.merge(graphdef, params, batch_stats).backbone(videos)
+
+  backbone_jaxpr = jax.make_jaxpr(backbone)(params, batch_stats, videos)
+  features = backbone_jaxpr.out_avals[0]  # (1, T, h, w, C)
+  segments = jax.ShapeDtypeStruct((clips, frames // clips, *features.shape[2:]),
+                                  features.dtype)
+
+  def heads(params, batch_stats, segments):
+    model = nnx.merge(graphdef, params, batch_stats)
+    return model.tc_head(segments), model.ofc_head(segments)
+
+  backbone_macs = count_macs(backbone_jaxpr.jaxpr)
+  head_macs = count_macs(jax.make_jaxpr(heads)(params, batch_stats, segments).jaxpr)
+  return {"backbone": backbone_macs, "model": backbone_macs + head_macs}
+
+
+def parameter_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Trainable parameters of the JAX model: total and backbone only (no allocation)."""
+  _, params, _ = train_step_lib.abstract_model(config)
+  total = backbone = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    size = math.prod(leaf.shape)
+    total += size
+    first = path[0]
+    if getattr(first, "key", getattr(first, "name", None)) == "backbone":
+      backbone += size
+  return {"total_params": total, "backbone_params": backbone}
+
+
+def synthetic_videos(config: ml_collections.ConfigDict, mesh, batch_size: int,
+                     seed: int = 0) -> jax.Array:
+  """Random uint8 videos (B, T, input_size, input_size, 3), generated sharded on device."""
+  size = config.data.input_size
+  shape = (batch_size, config.data.num_frames, size, size, 3)
+
+  def generate(key):
+    return jax.random.randint(key, shape, 0, 256, dtype=jnp.int32).astype(jnp.uint8)
+
+  return jax.jit(generate, out_shardings=mesh_lib.batch_sharding(mesh))(jax.random.key(seed))
+
+
+def _memory_analysis(compiled) -> dict[str, int | None]:
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    analysis = None
+  names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+           "alias_size_in_bytes", "generated_code_size_in_bytes")
+  return {name: (int(getattr(analysis, name)) if hasattr(analysis, name) else None)
+          for name in names}
+
+
+def peak_memory_bytes(device) -> int | None:
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+class CompiledStep:
+  """The jitted pretraining step, compiled for device-resident synthetic videos.
+
+  `run()` applies one step (asynchronously) and returns its metrics; the state it
+  carries is donated and replaced each time.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.mesh = mesh_lib.create_mesh()
+    mesh_lib.check_batch_divisible(config.batch_size, self.mesh)
+    # The schedule's value does not change the work per step; any horizon will do.
+    optimizer, schedule = optim.create_optimizer(config, steps_per_epoch=1000,
+                                                 num_train_steps=100_000)
+    graphdef, self.state = train_step_lib.create_train_state(config, self.mesh, optimizer)
+    step_fn = train_step_lib.jit_train_step(
+        train_step_lib.make_train_step(config, graphdef, self.mesh, optimizer, schedule),
+        self.mesh)
+    self.videos = synthetic_videos(config, self.mesh, config.batch_size, seed=config.seed)
+    start = time.perf_counter()
+    self.compiled = step_fn.lower(self.state, self.videos).compile()
+    self.compile_time_s = time.perf_counter() - start
+
+  def run(self) -> dict[str, jax.Array]:
+    self.state, metrics = self.compiled(self.state, self.videos)
+    return metrics
+
+  def run_blocking(self) -> dict[str, jax.Array]:
+    metrics = self.run()
+    metrics["loss"].block_until_ready()
+    return metrics
+
+
+def benchmark_train_step(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
+                         time_montage: bool = True) -> dict[str, Any]:
+  """Compiles and times the full jitted step (montage + augmentation + model + update).
+
+  `config.batch_size` is the global batch. Returns figures keyed as in the benchmark's JSON.
+  """
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps ({steps}) must be >= 1 and --warmup ({warmup}) >= 0.")
+  step = CompiledStep(config)
+  num_devices = step.mesh.size
+  flops_per_device = flops_from_cost_analysis(step.compiled.cost_analysis())
+  hlo_text = step.compiled.as_text()
+  compiled_memory = _memory_analysis(step.compiled)
+  step_time_s, step_times = median_time(step.run_blocking, steps=steps, warmup=warmup)
+  # Back-to-back steps, one wait at the end: hides per-step dispatch gaps.
+  start = time.perf_counter()
+  for _ in range(steps):
+    metrics = step.run()
+  jax.block_until_ready(metrics)
+  chained_step_time_s = (time.perf_counter() - start) / steps
+  final_loss = float(metrics["loss"])
+  compile_time_s = step.compile_time_s
+  mesh, videos = step.mesh, step.videos
+  del step  # frees the state before the montage is compiled and timed
+
+  device = jax.devices()[0]
+  dtype = config.model.dtype
+  peak = peak_flops(device.device_kind, dtype)
+  # An SPMD program's cost analysis is per device (replicated work counted on each).
+  flops_per_step = flops_per_device * num_devices if flops_per_device else None
+  achieved = flops_per_step / step_time_s if flops_per_step else None
+  macs_per_video = forward_macs_per_video(config)
+  # Training costs ~3x the forward pass (forward, input grads, weight grads); 2 FLOPs/MAC.
+  model_flops_per_step = 6.0 * macs_per_video["model"] * config.batch_size
+  figures = {
+      "num_devices": num_devices,
+      "compile_time_s": compile_time_s,
+      "step_time_s": step_time_s,
+      "step_times_s": step_times,
+      "step_time_min_s": min(step_times),  # less sensitive to other load on a shared host
+      "chained_step_time_s": chained_step_time_s,
+      "videos_per_s": config.batch_size / step_time_s,
+      "videos_per_s_per_device": config.batch_size / step_time_s / num_devices,
+      "flops_per_step": flops_per_step,
+      "flops_per_s": achieved,
+      "peak_flops_per_device": peak,
+      "mfu": (achieved / (peak * num_devices)) if (achieved and peak) else None,
+      "forward_macs_per_video": macs_per_video["model"],
+      "backbone_forward_macs_per_video": macs_per_video["backbone"],
+      "model_flops_per_step": model_flops_per_step,
+      "model_mfu": (model_flops_per_step / step_time_s / (peak * num_devices)
+                    if peak else None),
+      "peak_memory_bytes": peak_memory_bytes(device),
+      "compiled_memory": compiled_memory,
+      "collectives": collective_bytes(hlo_text),
+      "final_loss": final_loss,
+      "loss_is_finite": bool(np.isfinite(final_loss)),
+  }
+  if time_montage:
+    figures.update(benchmark_montage(config, mesh, videos, steps=steps, warmup=warmup))
+    figures["montage_share"] = figures["montage_time_s"] / step_time_s
+  else:
+    figures.update(montage_time_s=None, montage_share=None)
+  return figures
+
+
+def benchmark_montage(config: ml_collections.ConfigDict, mesh, videos: jax.Array, *,
+                      steps: int, warmup: int) -> dict[str, Any]:
+  """Times the jitted montage + augmentation alone on the step's input."""
+  montage = montage_lib.make_montage_fn(config, mesh)
+  jitted = jax.jit(montage, in_shardings=(mesh_lib.batch_sharding(mesh),
+                                          mesh_lib.replicated_sharding(mesh)))
+  key = jax.random.key(config.seed)
+  compiled = jitted.lower(videos, key).compile()
+
+  def run_montage():
+    jax.block_until_ready(compiled(videos, key))
+
+  montage_time_s, _ = median_time(run_montage, steps=steps, warmup=max(warmup, 1))
+  return {"montage_time_s": montage_time_s,
+          "montage_collectives": collective_bytes(compiled.as_text())}

@@ -1,0 +1,511 @@
+r"""Speed of the TCVM pretraining step, JAX vs a PyTorch reference (issue #6).
+
+  python scripts/benchmark.py --config=configs/pretrain.py[:preset] [--batch_size=N] \
+      [--dtype=bfloat16] [--steps=N] [--warmup=N] [--json=FILE] [--torch|--no_torch] \
+      [--torch_compile] [--scaling_devices=1,2,4,8] [--input_pipeline]
+
+Any config field can be overridden (`--config.data.num_frames=8`).
+
+JAX: the jitted step (montage + augmentation + forward + backward + SGD) on
+device-resident synthetic uint8 videos (B, T, input_size, input_size, 3), after compile
+and warm-up: median step time, pseudo-videos/s, XLA's compiled FLOPs per step, FLOP/s,
+MFU against the device's dense peak (null where unknown, e.g. CPU), a model-FLOPs MFU
+(6 x forward MACs per video, counted from the jaxpr), peak device memory, and the share
+of the step taken by the montage + augmentation timed alone on the same input.
+
+PyTorch (benchmarks/torch_reference.py, its own process, run first so the two never share
+a GPU or its CUDA libraries): the same network, loss and SGD update on float pseudo-videos
+already on the device; it EXCLUDES the montage, so `torch_ratio` = jax videos/s / torch
+videos/s is conservative for JAX (`torch_ratio_without_montage` subtracts the montage's
+time from the JAX step; `torch_ratio_min` compares the fastest steps, steadier on a shared
+CPU host). bf16 autocast when --dtype=bfloat16, channels-last(-3d) memory;
+--torch_compile adds a torch.compile run (own process) and the faster run counts.
+--interleave=N (CPU) alternates N JAX and eager torch steps in one process, so both see
+the same load from other jobs on a shared host. --reuse_jax_json=FILE skips JAX and takes its figures from an earlier run's JSON (for a
+later torch.compile-only run on the same machine). Parameter counts of the two models are
+printed and must be equal (exit code 1 otherwise).
+
+--scaling_devices: the step again in one subprocess per count with that many simulated
+CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=n), at a fixed per-device
+batch; reports pseudo-videos/s per device and the montage's cross-device exchange.
+
+Imports neither TensorFlow nor clu (the GPU machine has neither).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+
+import benchmarks
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(REPO_ROOT, "configs", "pretrain.py"),
+    "Pretraining config file (with an optional ':preset').", lock_config=False)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: config's).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "Compute dtype (default: config.model.dtype).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
+_TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference too.")
+_NO_TORCH = flags.DEFINE_bool("no_torch", False, "Skip the PyTorch reference.")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False,
+                                   "Also time the reference under torch.compile (own "
+                                   "process; compile time reported; the faster run counts).")
+_TORCH_EAGER = flags.DEFINE_bool("torch_eager", True, "Time the eager reference.")
+_TORCH_STEPS = flags.DEFINE_integer("torch_steps", None, "Timed torch steps (default --steps).")
+_TORCH_TIMEOUT = flags.DEFINE_integer("torch_timeout_s", 900, "Kill the torch run after this.")
+_MONTAGE = flags.DEFINE_bool("time_montage", True, "Time the montage alone for its share.")
+_SCALING_DEVICES = flags.DEFINE_list("scaling_devices", [],
+                                     "Simulated CPU device counts, e.g. 1,2,4,8.")
+_SCALING_BATCH = flags.DEFINE_integer("scaling_per_device_batch", 4,
+                                      "Per-device batch of the scaling runs.")
+_SCALING_TIMEOUT = flags.DEFINE_integer("scaling_timeout_s", 900, "Per scaling run.")
+_INPUT_PIPELINE = flags.DEFINE_bool("input_pipeline", False,
+                                    "Also measure decoded clips/s per CPU core.")
+_INTERLEAVE = flags.DEFINE_integer(
+    "interleave", 0, "CPU only: also alternate this many JAX and (eager) torch steps in ONE "
+    "process, so both see the same load from other jobs on a shared host; reported as "
+    "`interleaved`. 0: off.")
+_REUSE_JAX_JSON = flags.DEFINE_string(
+    "reuse_jax_json", None, "Skip the JAX step and take its figures from this earlier JSON "
+    "(same config): for a later torch-only run, e.g. --torch_compile --notorch_eager.")
+
+
+def log(message: str) -> None:
+  print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+def _run_torch_child(request: dict[str, Any], timeout_s: int) -> dict[str, Any]:
+  """One benchmarks/torch_reference.py process; {'skipped': why} when it fails."""
+  with tempfile.TemporaryDirectory() as tmp:
+    spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+    with open(spec_path, "w") as f:
+      json.dump(request, f)
+    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "torch_reference.py"),
+               f"--spec={spec_path}", f"--json={result_path}"]
+    try:
+      completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+      return {"skipped": f"torch reference (compile={request['compile_model']}) did not "
+                         f"finish in {timeout_s} s."}
+    if completed.stderr.strip():
+      print(completed.stderr[-3000:], file=sys.stderr)
+    if completed.returncode != 0 or not os.path.exists(result_path):
+      return {"skipped": f"torch reference failed (exit {completed.returncode}): "
+                         f"{completed.stderr.strip()[-500:]}"}
+    with open(result_path) as f:
+      return json.load(f)
+
+
+def run_torch_reference(config, *, steps: int, warmup: int, eager: bool, compiled: bool,
+                        timeout_s: int) -> dict[str, Any]:
+  """The PyTorch reference, eager and/or torch.compile'd, each in its own process.
+
+  Returns the faster run (the stronger reference) with both times attached, or
+  {'skipped': why} when torch is missing or no run succeeded.
+  """
+  if importlib.util.find_spec("torch") is None:
+    return {"skipped": "torch is not importable; PyTorch reference skipped (ratio null)."}
+  if not (eager or compiled):
+    return {"skipped": "--notorch_eager without --torch_compile: nothing to time."}
+  request = dict(benchmarks.torch_reference_spec(config), batch_size=config.batch_size,
+                 dtype=config.model.dtype, steps=steps, warmup=warmup, compile_model=False)
+  runs = {}
+  if eager:
+    runs["eager"] = _run_torch_child(request, timeout_s)
+  if compiled:
+    log("PyTorch reference under torch.compile ...")
+    runs["compiled"] = _run_torch_child(dict(request, compile_model=True), timeout_s)
+  good = {mode: run for mode, run in runs.items()
+          if "skipped" not in run and (mode == "eager" or run.get("compiled"))}
+  if not good:
+    return {"skipped": "; ".join(run.get("skipped") or str(run.get("compile_error"))
+                                 for run in runs.values())}
+  best = dict(min(good.values(), key=lambda run: run["step_time_s"]))
+  best["eager_step_time_s"] = good.get("eager", {}).get("step_time_s")
+  best["compiled_step_time_s"] = good.get("compiled", {}).get("step_time_s")
+  if "compiled" in runs and "compiled" not in good:
+    best["compile_error"] = (runs["compiled"].get("skipped")
+                             or runs["compiled"].get("compile_error"))
+  return best
+
+
+def _forwarded_config_args(argv: Sequence[str]) -> list[str]:
+  """The --config / --config.x=y arguments (and --dtype) of this run, for subprocesses."""
+  forwarded, take_next = [], False
+  for arg in argv[1:]:
+    if take_next:
+      forwarded.append(arg)
+      take_next = False
+    elif arg.startswith(("--config", "--dtype")):
+      forwarded.append(arg)
+      take_next = "=" not in arg  # `--config.x y` form: the value is the next argument.
+  return forwarded
+
+
+def run_scaling(argv: Sequence[str], device_counts: Sequence[int], per_device_batch: int, *,
+                steps: int, warmup: int, timeout_s: int) -> list[dict[str, Any]]:
+  """The step with n simulated CPU devices at a fixed per-device batch, one process each."""
+  results = []
+  for num_devices in device_counts:
+    batch = per_device_batch * num_devices
+    log(f"scaling: {num_devices} simulated CPU devices, global batch {batch}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                          f" --xla_force_host_platform_device_count={num_devices}").strip())
+    with tempfile.TemporaryDirectory() as tmp:
+      result_path = os.path.join(tmp, "scaling.json")
+      command = [sys.executable, os.path.abspath(__file__), *_forwarded_config_args(argv),
+                 f"--batch_size={batch}", f"--steps={steps}", f"--warmup={warmup}",
+                 "--no_torch", f"--json={result_path}"]
+      entry: dict[str, Any] = {"num_devices": num_devices, "global_batch": batch}
+      try:
+        completed = subprocess.run(command, env=env, capture_output=True, text=True,
+                                   timeout=timeout_s)
+        if completed.returncode != 0 or not os.path.exists(result_path):
+          entry["error"] = completed.stderr.strip()[-800:]
+        else:
+          with open(result_path) as f:
+            child = json.load(f)
+          montage_collectives = child.get("montage_collectives") or {}
+          step_collectives = child.get("collectives") or {}
+          entry.update({
+              "step_time_s": child["step_time_s"],
+              "videos_per_s": child["videos_per_s"],
+              "videos_per_s_per_device": child["videos_per_s_per_device"],
+              "montage_time_s": child["montage_time_s"],
+              "montage_share": child["montage_share"],
+              # Bytes each device receives from the montage's all-gather (per step).
+              "montage_gather_bytes_per_device":
+                  montage_collectives.get("all-gather", {}).get("bytes"),
+              "step_collective_bytes_per_device":
+                  sum(v["bytes"] for v in step_collectives.values()),
+          })
+      except subprocess.TimeoutExpired:
+        entry["error"] = f"did not finish in {timeout_s} s"
+    if "error" in entry:
+      log(f"scaling run with {num_devices} devices failed: {entry['error']}")
+    results.append(entry)
+  return results
+
+
+def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 4) -> str:
+  if value is None:
+    return "n/a"
+  if isinstance(value, float) or scale != 1.0:
+    return f"{value / scale:.{digits}g}{unit}"
+  return f"{value}{unit}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+  rows = [
+      ("device", f"{results['device_kind']} x{results['num_devices']} ({results['backend']})"),
+      ("config", f"{results['config']}  backbone={results['backbone']}"),
+      ("shape", f"B={results['batch_size']}  T={results['num_frames']}  "
+                f"{results['frame_size']}x{results['frame_size']}  s={results['num_clips']}  "
+                f"dtype={results['dtype']}"),
+      ("JAX compile", _fmt(results["compile_time_s"], " s")),
+      ("JAX step (median)", _fmt(results["step_time_s"], " ms", 1e-3)),
+      ("JAX step (min)", _fmt(results.get("step_time_min_s"), " ms", 1e-3)),
+      ("JAX step (chained)", _fmt(results["chained_step_time_s"], " ms", 1e-3)),
+      ("JAX pseudo-videos/s", _fmt(results["videos_per_s"])),
+      ("XLA FLOPs/step", _fmt(results["flops_per_step"], " GFLOP", 1e9)),
+      ("achieved FLOP/s", _fmt(results["flops_per_s"], " TFLOP/s", 1e12)),
+      ("MFU (XLA FLOPs)", _fmt(results["mfu"])),
+      ("model FLOPs/step", _fmt(results["model_flops_per_step"], " GFLOP", 1e9)),
+      ("MFU (6 x fwd MACs)", _fmt(results["model_mfu"])),
+      ("fwd GMACs/video", _fmt(results["forward_macs_per_video"], "", 1e9)),
+      ("peak device memory", _fmt(results["peak_memory_bytes"], " GiB", 2**30)),
+      ("montage + aug alone", _fmt(results["montage_time_s"], " ms", 1e-3)),
+      ("montage share", _fmt(results["montage_share"])),
+      ("torch step (median)", _fmt(results["torch_step_time_s"], " ms", 1e-3)),
+      ("torch step (min)", _fmt(results["torch"].get("step_time_min_s"), " ms", 1e-3)),
+      ("torch pseudo-videos/s", _fmt(results["torch_videos_per_s"])),
+      ("torch eager step", _fmt(results["torch"].get("eager_step_time_s"), " ms", 1e-3)),
+      ("torch compiled step", _fmt(results["torch"].get("compiled_step_time_s"), " ms", 1e-3)),
+      ("ratio JAX/torch (v/s)", _fmt(results["torch_ratio"])),
+      ("ratio, JAX less montage", _fmt(results.get("torch_ratio_without_montage"))),
+      ("ratio from min steps", _fmt(results.get("torch_ratio_min"))),
+      ("interleaved JAX / torch", (
+          f"{results['interleaved']['jax_step_time_s'] * 1e3:.1f} ms / "
+          f"{results['interleaved']['torch_step_time_s'] * 1e3:.1f} ms, ratio "
+          f"{results['interleaved']['ratio']:.3g}"
+          if results.get("interleaved") and "ratio" in results["interleaved"] else "n/a")),
+      ("params JAX / torch", f"{results['params']['jax_total']} / "
+                             f"{_fmt(results['params']['torch_total'])} (backbone "
+                             f"{results['params']['jax_backbone']} / "
+                             f"{_fmt(results['params']['torch_backbone'])})"),
+      ("input clips/s/core", _fmt(results["input_clips_per_s_per_core"])),
+      ("input clips/CPU-second", _fmt(results["input_pipeline"].get("clips_per_cpu_s"))),
+  ]
+  width = max(len(name) for name, _ in rows)
+  lines = [f"{name:<{width}}  {value}" for name, value in rows]
+  if results.get("notes"):
+    lines += [f"note: {note}" for note in results["notes"]]
+  if results.get("scaling"):
+    lines.append("")
+    lines.append("scaling (simulated CPU devices, fixed per-device batch)")
+    lines.append(f"{'devices':>7} {'batch':>5} {'step ms':>9} {'videos/s':>9} "
+                 f"{'v/s/dev':>8} {'montage ms':>10} {'share':>6} {'gather MiB/dev':>14}")
+    for entry in results["scaling"]:
+      if "error" in entry:
+        lines.append(f"{entry['num_devices']:>7} {entry['global_batch']:>5}  failed")
+        continue
+      gather = entry["montage_gather_bytes_per_device"]
+      lines.append(
+          f"{entry['num_devices']:>7} {entry['global_batch']:>5} "
+          f"{entry['step_time_s'] * 1e3:>9.1f} {entry['videos_per_s']:>9.2f} "
+          f"{entry['videos_per_s_per_device']:>8.2f} {entry['montage_time_s'] * 1e3:>10.1f} "
+          f"{entry['montage_share']:>6.3f} "
+          f"{(gather or 0) / 2**20:>14.2f}")
+  return "\n".join(lines)
+
+
+def jax_section(config, config_arg: str, notes: list[str]) -> dict[str, Any]:
+  """Times the JAX step; returns its figures plus the run's environment."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax
+  from benchmarks import jax_step
+
+  device = jax.devices()[0]
+  log(f"JAX {jax.__version__} on {device.device_kind} x{jax.device_count()}: "
+      f"compiling the step ...")
+  figures = jax_step.benchmark_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
+                                          time_montage=_MONTAGE.value)
+  log(f"JAX step {figures['step_time_s'] * 1e3:.1f} ms (compiled in "
+      f"{figures['compile_time_s']:.1f} s)")
+  params = jax_step.parameter_counts(config)
+  if figures["mfu"] is None:
+    notes.append(f"No known peak FLOP/s for {device.device_kind!r}: MFU is null, FLOP/s "
+                 f"reported.")
+  return {
+      "device": str(device),
+      "device_kind": device.device_kind,
+      "backend": jax.default_backend(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "host": platform.node(),
+      "cpu_count": os.cpu_count(),
+      "load_average": os.getloadavg(),  # other jobs on a shared host skew CPU timings
+      "python": platform.python_version(),
+      "jax_version": jax.__version__,
+      "flax_version": flax.__version__,
+      "config": config_arg,
+      "config_values": config.to_dict(),
+      "preset": config.preset,
+      "backbone": config.model.backbone,
+      "batch_size": config.batch_size,
+      "num_frames": config.data.num_frames,
+      "num_clips": config.montage.num_clips,
+      "input_size": config.data.input_size,
+      "frame_size": config.montage.output_size,
+      "dtype": config.model.dtype,
+      "steps": _STEPS.value,
+      "warmup": _WARMUP.value,
+      **figures,
+      "jax_params": params,
+  }
+
+
+def reused_jax_section(path: str, config) -> dict[str, Any]:
+  """The JAX figures of an earlier run of the same setting (see --reuse_jax_json)."""
+  with open(path) as f:
+    earlier = json.load(f)
+  for key, value in (("backbone", config.model.backbone), ("batch_size", config.batch_size),
+                     ("dtype", config.model.dtype), ("num_frames", config.data.num_frames),
+                     ("frame_size", config.montage.output_size)):
+    if earlier.get(key) != value:
+      raise app.UsageError(f"--reuse_jax_json={path} has {key}={earlier.get(key)!r}, this "
+                           f"run {value!r}: not the same setting.")
+  keep = {key: value for key, value in earlier.items()
+          if not key.startswith("torch") and key not in ("params", "params_match", "notes")}
+  keep["jax_figures_from"] = path
+  keep["jax_params"] = {"total_params": earlier["params"]["jax_total"],
+                        "backbone_params": earlier["params"]["jax_backbone"]}
+  return keep
+
+
+def run_interleaved(config, *, steps: int, warmup: int) -> dict[str, Any]:
+  """JAX step, torch step, JAX step, ... in this process (CPU only; see --interleave)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from benchmarks import jax_step
+
+  if jax.default_backend() != "cpu":
+    return {"skipped": "--interleave is for CPU hosts; on a GPU the two would share it."}
+  if importlib.util.find_spec("torch") is None:
+    return {"skipped": "torch is not importable; --interleave skipped."}
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+
+  spec = torch_reference.ReferenceSpec(**benchmarks.torch_reference_spec(config))
+  torch_step = torch_reference.build_train_step(spec, batch_size=config.batch_size,
+                                                dtype=config.model.dtype, device="cpu")
+  jax_compiled = jax_step.CompiledStep(config)
+  for _ in range(warmup):
+    jax_compiled.run_blocking()
+    float(torch_step.run())
+  jax_times, torch_times = [], []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax_compiled.run_blocking()
+    jax_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    float(torch_step.run())  # float() waits for the loss
+    torch_times.append(time.perf_counter() - start)
+  jax_median, torch_median = float(np.median(jax_times)), float(np.median(torch_times))
+  return {
+      "steps": steps,
+      "jax_step_time_s": jax_median,
+      "torch_step_time_s": torch_median,
+      "jax_step_times_s": jax_times,
+      "torch_step_times_s": torch_times,
+      # jax videos/s over torch videos/s, as torch_ratio.
+      "ratio": torch_median / jax_median,
+      "ratio_per_pair_median": float(np.median(np.array(torch_times) / np.array(jax_times))),
+  }
+
+
+def write_json(results: dict[str, Any]) -> None:
+  if _JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=1, default=str)
+
+
+def main(argv: Sequence[str]) -> int:
+  config = _CONFIG.value
+  if _BATCH_SIZE.value is not None:
+    config.batch_size = _BATCH_SIZE.value
+  if _DTYPE.value is not None:
+    config.model.dtype = _DTYPE.value
+  if config.batch_size < 1:
+    raise app.UsageError(f"--batch_size={config.batch_size} must be >= 1.")
+  del argv  # absl leaves only positional arguments; flags are read from sys.argv.
+  config_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")),
+                    "configs/pretrain.py")
+  notes: list[str] = []
+
+  # 1. PyTorch first, in its own process: it must not find a GPU already claimed by JAX.
+  torch_figures: dict[str, Any] = {"skipped": "--no_torch: PyTorch reference not run."}
+  if _TORCH.value and not _NO_TORCH.value:
+    log("PyTorch reference (own process; excludes the montage) ...")
+    torch_figures = run_torch_reference(
+        config, steps=_TORCH_STEPS.value or _STEPS.value, warmup=_WARMUP.value,
+        eager=_TORCH_EAGER.value, compiled=_TORCH_COMPILE.value,
+        timeout_s=_TORCH_TIMEOUT.value)
+    if "skipped" not in torch_figures:
+      log(f"torch step {torch_figures['step_time_s'] * 1e3:.1f} ms on "
+          f"{torch_figures['device_name']} (compiled={torch_figures['compiled']})")
+  torch_ok = "skipped" not in torch_figures
+  if not torch_ok:
+    log(torch_figures["skipped"])
+    notes.append(torch_figures["skipped"])
+  else:
+    notes.append("The torch step starts from float pseudo-videos on the device: it excludes "
+                 "the montage + augmentation that the JAX step includes.")
+    if torch_figures.get("compile_error"):
+      notes.append(f"torch.compile did not give a timing: {torch_figures['compile_error']}")
+
+  # Partial figures first, so a run killed by a timeout still leaves the torch figures.
+  write_json({"partial": True, "config": config_arg, "torch": torch_figures, "notes": notes})
+
+  # 2. JAX.
+  if _REUSE_JAX_JSON.value:
+    results = reused_jax_section(_REUSE_JAX_JSON.value, config)
+  else:
+    results = jax_section(config, config_arg, notes)
+  jax_params = results.pop("jax_params")
+
+  params = {"jax_total": jax_params["total_params"],
+            "jax_backbone": jax_params["backbone_params"],
+            "torch_total": torch_figures.get("total_params"),
+            "torch_backbone": torch_figures.get("backbone_params")}
+  params_match = None
+  if torch_ok:
+    params_match = (params["jax_backbone"] == params["torch_backbone"]
+                    and params["jax_total"] == params["torch_total"])
+
+  input_figures: dict[str, Any] = {"input_clips_per_s_per_core": None}
+  if _INPUT_PIPELINE.value:
+    from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+    log("input pipeline ...")
+    input_figures = input_pipeline.measure(config, config_arg)
+    if input_figures.get("input_clips_per_s_per_core") is None:
+      notes.append(input_figures.get("input_pipeline_note", "input pipeline not measured."))
+
+  scaling = results.get("scaling")
+  if _SCALING_DEVICES.value:
+    counts = [int(n) for n in _SCALING_DEVICES.value]
+    if any(n < 1 for n in counts):
+      raise app.UsageError(f"--scaling_devices={counts}: counts must be >= 1.")
+    scaling = run_scaling(sys.argv, counts, _SCALING_BATCH.value, steps=_STEPS.value,
+                          warmup=_WARMUP.value, timeout_s=_SCALING_TIMEOUT.value)
+    if max(counts) > (os.cpu_count() or 1):
+      notes.append(f"Scaling: {max(counts)} simulated devices share {os.cpu_count()} CPU "
+                   f"cores, so videos/s per device mostly shows compute sharing; the "
+                   f"montage's gather bytes per device are exact.")
+
+  interleaved = None
+  if _INTERLEAVE.value:
+    log(f"interleaving {_INTERLEAVE.value} JAX and torch steps in one process ...")
+    interleaved = run_interleaved(config, steps=_INTERLEAVE.value, warmup=_WARMUP.value)
+    if "skipped" in interleaved:
+      notes.append(interleaved["skipped"])
+
+  torch_videos_per_s = torch_figures["videos_per_s"] if torch_ok else None
+  results.update({
+      "torch_step_time_s": torch_figures["step_time_s"] if torch_ok else None,
+      "torch_videos_per_s": torch_videos_per_s,
+      "torch_ratio": (results["videos_per_s"] / torch_videos_per_s
+                      if torch_videos_per_s else None),
+      # Like for like: the JAX step less its montage (timed alone), vs the torch step.
+      "torch_ratio_without_montage": (
+          torch_figures["step_time_s"] / (results["step_time_s"] - results["montage_time_s"])
+          if torch_ok and results.get("montage_time_s") is not None
+          and results["step_time_s"] > results["montage_time_s"] else None),
+      # The same ratio from the fastest step of each: steadier on a shared CPU host.
+      "torch_ratio_min": (torch_figures["step_time_min_s"] / results["step_time_min_s"]
+                          if torch_ok and results.get("step_time_min_s") else None),
+      "torch_compiled": torch_figures.get("compiled"),
+      "torch_compile_time_s": torch_figures.get("compile_time_s"),
+      "torch": torch_figures,
+      "params": params,
+      "params_match": params_match,
+      "input_clips_per_s_per_core": input_figures.get("input_clips_per_s_per_core"),
+      "input_pipeline": input_figures,
+      "scaling": scaling,
+      "interleaved": interleaved,
+      "tensorflow_imported": "tensorflow" in sys.modules,
+      "clu_imported": "clu" in sys.modules,
+      "notes": notes,
+  })
+  results["partial"] = False
+  print(format_table(results), flush=True)
+  if _JSON.value:
+    write_json(results)
+    log(f"wrote {_JSON.value}")
+  if params_match is False:
+    print(f"ERROR: parameter counts differ between JAX and the torch reference: {params}",
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue #6 as ONE prepared command (under 5 minutes in all).
+#
+#   bash scripts/run_gpu_benchmark.sh            # on the GPU machine, from the repo root
+#
+# bf16 at the paper's shapes (32 frames of 112x112 cut into s=4 clips), per-GPU batch
+# $BATCH, each phase with the PyTorch reference timed first in its own process:
+#   1. R3D50: eager torch, then the JAX step      -> $OUT/r3d50_bf16.{json,log}
+#   2. TSM50: eager torch, then the JAX step      -> $OUT/tsm50_bf16.{json,log}
+#   3. R3D50 under torch.compile, if time is left -> $OUT/r3d50_bf16_torch_compile.{json,log}
+#      (reuses phase 1's JAX figures, so the ratio is against the compiled reference).
+# Phases run in order of importance; each is capped by `timeout` and by what is left of
+# TOTAL_BUDGET_S, so one hang cannot eat the budget.
+#
+# The machine has JAX (CUDA), flax, optax, orbax and torch, but no TensorFlow,
+# ml_collections or clu: ml_collections travels as a pure-Python wheel in .whl/ (made with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+#  --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0`; it needs only absl-py
+# and PyYAML, which are there).
+#
+# Knobs (environment): BATCH (default 32), STEPS (20), WARMUP (3), TOTAL_BUDGET_S (290),
+# PHASE_TIMEOUT_S (170), TORCH_COMPILE (1), EXTRA_FLAGS (passed to every benchmark run).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+
+OUT=${OUT:-/tmp/tcvm_benchmark_out}
+BATCH=${BATCH:-32}
+STEPS=${STEPS:-20}
+WARMUP=${WARMUP:-3}
+TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-290}
+PHASE_TIMEOUT_S=${PHASE_TIMEOUT_S:-170}
+TORCH_COMPILE=${TORCH_COMPILE:-1}
+EXTRA_FLAGS=${EXTRA_FLAGS:-}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+START=$(date +%s)
+
+elapsed() { echo $(( $(date +%s) - START )); }
+say() { echo "[$(date +%H:%M:%S) +$(elapsed)s] $*"; }
+left() { echo $(( TOTAL_BUDGET_S - $(elapsed) )); }
+
+say "installing the carried wheels"
+"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl/*.whl || say "WARNING: wheel install failed"
+export PYTHONPATH=/tmp/site:$PWD
+
+# Compiled XLA programs survive between calls on a warm machine (inductor caches in /tmp).
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_compilation_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+# JAX starts after each torch process has exited, so it may take most of the memory.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+
+{
+  nvidia-smi -L
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit \
+      --format=csv
+  "$PYTHON" - <<'EOF'
+import platform, jax, flax, optax, ml_collections
+print("python", platform.python_version(), "jax", jax.__version__, "flax", flax.__version__,
+      "optax", optax.__version__, "ml_collections", ml_collections.__version__)
+print("devices", jax.devices())
+try:
+  import torch
+  print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+except Exception as error:  # torch is optional
+  print("torch unavailable:", error)
+EOF
+} 2>&1 | tee "$OUT/environment.txt"
+
+status=0
+# phase NAME MIN_SECONDS_NEEDED ARGS...: one benchmark run, capped by the time left.
+phase() {
+  local name=$1 needed=$2; shift 2
+  local budget
+  budget=$(left)
+  if (( budget < needed )); then
+    say "SKIP $name: ${budget}s left, it needs about ${needed}s"
+    return
+  fi
+  (( budget > PHASE_TIMEOUT_S )) && budget=$PHASE_TIMEOUT_S
+  say "=== $name (timeout ${budget}s)"
+  # shellcheck disable=SC2086
+  timeout -k 5 "$budget" "$PYTHON" scripts/benchmark.py --batch_size="$BATCH" \
+      --dtype=bfloat16 --steps="$STEPS" --warmup="$WARMUP" "$@" $EXTRA_FLAGS \
+      --json="$OUT/$name.json" 2>&1 | grep -v -E '^[IW][0-9]{4} ' | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  say "$name finished with exit code $rc"
+  if [ "$rc" != 0 ]; then status=$rc; fi
+}
+
+phase r3d50_bf16 60 --config=configs/pretrain.py --torch_timeout_s=60
+phase tsm50_bf16 60 --config=configs/pretrain.py:tsm50 --torch_timeout_s=60
+if [ "$TORCH_COMPILE" = 1 ] && [ -f "$OUT/r3d50_bf16.json" ]; then
+  remaining=$(left)
+  phase r3d50_bf16_torch_compile 45 --config=configs/pretrain.py --torch_compile \
+      --notorch_eager --reuse_jax_json="$OUT/r3d50_bf16.json" \
+      --torch_timeout_s=$(( remaining > 15 ? remaining - 10 : 5 ))
+fi
+say "done in $(elapsed)s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit $status
