@@ -9,7 +9,10 @@ Presets (after a colon):
                                200 epochs, x0.1 at epochs 50/100/150.
   configs/pretrain.py:tsm50    the same with the TSM50 backbone.
   configs/pretrain.py:demo     a tiny backbone on the built-in synthetic motion dataset
-                               (generated on first use); minutes on a 2-core CPU.
+                               (generated on first use), 310 steps, then video retrieval
+                               with the exported encoder; about 4-6 minutes on a 2-core
+                               CPU. Expect the loss to fall from ~4.1 to ~2.85; retrieval
+                               top-1 stays near chance (~6-9 %, 12 classes) at this length.
 
 Run:
 
@@ -104,6 +107,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     model.backbone = "tsm50"
   elif preset == "demo":
     data.name = "synthetic"
+    # SyntheticParams of tcvm_jax/data/synthetic.py: 1000 train / 300 test videos of
+    # 32-48 frames at 128x160, generated in about a minute on 2 cores.
+    data.synthetic_params = ml_collections.ConfigDict(dict(
+        num_train=1000, num_test=300, height=128, width=160, min_frames=32, max_frames=48))
     data.num_frames = 16
     data.frame_stride = 2
     data.input_size = 64
@@ -118,6 +125,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.num_epochs = 5
     config.log_every_steps = 10
     config.checkpoint_every_steps = 100
+    # After training: video retrieval with the exported encoder, configs/retrieval.py:demo
+    # (test-split queries, train-split gallery); 'none' switches it off.
+    config.eval_retrieval = "demo"
   else:
     raise ValueError(f"Unknown preset {preset!r}; choose from '', 'tsm50', 'demo'.")
   return config

@@ -1,0 +1,127 @@
+"""Shared helpers for the training tests: a tiny config and subprocess runners."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import ml_collections
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(REPO_ROOT, "tests", "train_helper.py")
+# One XLA compilation cache per test session: the children of a test compile the same
+# programs, and a cache hit turns ~30 s of CPU compilation into ~1 s. Results do not
+# depend on it (the cached executable is the one that would have been compiled).
+COMPILATION_CACHE_DIR = tempfile.mkdtemp(prefix="tcvm_test_xla_cache_")
+atexit.register(shutil.rmtree, COMPILATION_CACHE_DIR, ignore_errors=True)
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """r3d_tiny on 8-frame, 32 px noise videos: a step takes well under a second on CPU."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("demo")
+  config.data.name = "random"
+  config.data.num_frames = 8
+  config.data.input_size = 40
+  config.montage.num_clips = 2
+  config.montage.output_size = 32
+  config.model.backbone = "r3d_tiny"
+  config.model.ofc_hidden_dim = 32
+  config.model.ofc_dim = 16
+  config.batch_size = 8
+  config.base_learning_rate = 0.1
+  config.schedule = "step"
+  config.warmup_epochs = 0.0
+  config.num_train_steps = 4
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 10
+  config.eval_retrieval = ""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def subprocess_env(num_devices: int) -> dict[str, str]:
+  """Environment for a child with `num_devices` simulated CPU devices (set before jax loads)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE_DIR
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return env
+
+
+def run_helper(args: dict, num_devices: int = 1, timeout: float = 300
+               ) -> tuple[int, dict | None, str]:
+  return finish(start_helper(args, num_devices), timeout)
+
+
+def start_helper(args: dict, num_devices: int = 1) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, HELPER, json.dumps(args)], cwd=REPO_ROOT,
+                          env=subprocess_env(num_devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, dict | None, str]:
+  """(returncode, the JSON the helper printed last or None, stderr)."""
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    stdout, stderr = process.communicate()
+    raise AssertionError(f"helper timed out after {timeout}s; stderr tail:\n{stderr[-3000:]}")
+  result = None
+  for line in stdout.splitlines():
+    if line.startswith("RESULT "):
+      result = json.loads(line[len("RESULT "):])
+  return process.returncode, result, stderr
+
+
+# Agreement asked of two runs' states, relative to the largest magnitude in each group.
+# Losses agree to ~1e-6 between device layouts, but the TC head takes differences of
+# neighbouring frames' features (cancellation) and normalises them with BatchNorm, which
+# turns float32 round-off (another summation order, another compilation) into relative
+# gradient differences of up to ~1e-2 in that head after a few steps; the momentum
+# (opt_state) carries them, the parameters only lr times them.
+STATE_TOLERANCES = {"params": 1e-3, "batch_stats": 1e-4, "opt_state": 2e-2}
+
+
+def assert_states_close(actual: dict, expected: dict,
+                        rel: dict[str, float] | None = None) -> None:
+  """Flat checkpoint dicts ({path tuple: array}) agree: integer leaves (step, RNG key data)
+  exactly, float leaves to `rel[group]` times the largest magnitude in their group
+  (params, batch_stats, opt_state)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rel = STATE_TOLERANCES if rel is None else rel
+  assert actual.keys() == expected.keys()
+  scales: dict[str, float] = {}
+  for path, value in expected.items():
+    if np.issubdtype(np.asarray(value).dtype, np.floating):
+      scales[path[0]] = max(scales.get(path[0], 0.0), float(np.abs(value).max(initial=0)))
+  for path, value in expected.items():
+    name = "/".join(path)
+    if np.issubdtype(np.asarray(value).dtype, np.floating):
+      np.testing.assert_allclose(actual[path], value, rtol=0,
+                                 atol=rel[path[0]] * scales[path[0]], err_msg=name)
+    else:
+      np.testing.assert_array_equal(actual[path], value, err_msg=name)
