@@ -22,6 +22,7 @@ from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import montage as montage_lib
 from tcvm_jax import optim
 from tcvm_jax import train_step as train_step_lib
+from tcvm_jax.flops import count_macs  # re-exported: the benchmark counts model FLOPs with it
 
 # Dense peak FLOP/s per device by compute dtype, matched as substrings of
 # `device.device_kind` (first match wins, so specific names come first).
@@ -91,38 +92,6 @@ def collective_bytes(hlo_text: str | None) -> dict[str, dict[str, int]]:
     summary[match.group(2)]["count"] += 1
     summary[match.group(2)]["bytes"] += num_bytes
   return summary
-
-
-def _sub_jaxprs(params: dict) -> list:
-  """Jaxprs nested in an equation's params (pjit, custom_jvp, remat, scan, cond...)."""
-  found = []
-  for value in params.values():
-    for item in value if isinstance(value, (list, tuple)) else (value,):
-      inner = getattr(item, "jaxpr", None)  # ClosedJaxpr -> Jaxpr
-      candidate = inner if inner is not None and hasattr(inner, "eqns") else item
-      if hasattr(candidate, "eqns"):
-        found.append(candidate)
-  return found
-
-
-def count_macs(jaxpr) -> int:
-  """Multiply-accumulates of every convolution and matrix product in a jaxpr (recursive)."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "conv_general_dilated":
-      rhs_shape = eqn.invars[1].aval.shape
-      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
-      per_output = rhs_shape[rhs_spec[1]] * math.prod(rhs_shape[d] for d in rhs_spec[2:])
-      total += math.prod(eqn.outvars[0].aval.shape) * per_output
-    elif name == "dot_general":
-      (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
-      lhs_shape = eqn.invars[0].aval.shape
-      total += (math.prod(eqn.outvars[0].aval.shape)
-                * math.prod(lhs_shape[d] for d in lhs_contracting))
-    for sub in _sub_jaxprs(eqn.params):
-      total += count_macs(sub)
-  return total
 
 
 def forward_macs_per_video(config: ml_collections.ConfigDict) -> dict[str, int]:

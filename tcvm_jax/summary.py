@@ -15,7 +15,6 @@ For R3D50 at 32x112x112 the issue quotes 44.0 GMACs (~88 GFLOPs); the dense coun
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from tcvm_jax import model as model_lib
+from tcvm_jax.flops import count_macs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (+ :preset).")
 _JSON = flags.DEFINE_bool("json", False, "Print machine-readable JSON instead of a table.")
@@ -77,34 +77,6 @@ def forward_flops(module: nnx.Module, apply: Callable[[nnx.Module, jax.Array], A
   return float(cost["flops"])
 
 
-def _sub_jaxprs(params: dict[str, Any]):
-  for value in params.values():
-    for item in value if isinstance(value, (list, tuple)) else (value,):
-      if hasattr(item, "eqns"):  # Jaxpr
-        yield item
-      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):  # ClosedJaxpr
-        yield item.jaxpr
-
-
-def _jaxpr_macs(jaxpr) -> int:
-  macs = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "conv_general_dilated":
-      kernel_shape = eqn.invars[1].aval.shape
-      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
-      taps = math.prod(kernel_shape[d] for d in rhs_spec[2:]) * kernel_shape[rhs_spec[1]]
-      macs += math.prod(eqn.outvars[0].aval.shape) * taps
-    elif name == "dot_general":
-      (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
-      lhs_shape = eqn.invars[0].aval.shape
-      macs += math.prod(eqn.outvars[0].aval.shape) * math.prod(
-          lhs_shape[d] for d in lhs_contracting)
-    for sub_jaxpr in _sub_jaxprs(eqn.params):
-      macs += _jaxpr_macs(sub_jaxpr)
-  return macs
-
-
 def dense_macs(module: nnx.Module, apply: Callable[[nnx.Module, jax.Array], Any],
                input_shape: tuple[int, ...]) -> int:
   """Multiply-adds of every conv and matmul, counting taps on padding too.
@@ -115,7 +87,7 @@ def dense_macs(module: nnx.Module, apply: Callable[[nnx.Module, jax.Array], Any]
   graphdef, state = nnx.split(module)
   jaxpr = jax.make_jaxpr(lambda state, inputs: apply(nnx.merge(graphdef, state), inputs))(
       state, jax.ShapeDtypeStruct(input_shape, jnp.float32))
-  return _jaxpr_macs(jaxpr.jaxpr)
+  return count_macs(jaxpr.jaxpr)
 
 
 def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
