@@ -2,6 +2,7 @@
 
 Pure JAX, arrays in, arrays out, a key for randomness. A clip (L, H, W, 3) uint8 becomes
 (L, S, S, 3) normalised floats; every frame of the clip gets the same parameters.
+`augment_clips` does a batch of clips as one vmapped program (what the montage runs).
 
 Sampling and applying are separate (`sample_augment_params` / `apply_augment`) because the
 Video Montage variants share one parameter set across different sets of clips.
@@ -21,16 +22,25 @@ Pipeline (torchvision semantics unless noted):
   4. Gaussian blur with prob `blur_prob`. `blur_sigma` is in pixels of a 224 px image
      (MoCo v2) and is scaled by S / 224; the kernel spans ~10% of the image
      (2 * (int(0.1 S) // 2) + 1 taps, 23 at 224 px, 11 at 112 px) with reflect borders,
-     applied as a separable matmul.
+     separable: shifted multiply-adds along H, a matmul along W.
   5. Horizontal flip with prob `flip_prob`. It commutes with steps 2-4 (pointwise ops,
      per-frame means, a symmetric kernel with symmetric borders), so it is folded into
      step 1 by reversing the rows of Rx.
-  6. (x - mean) / std, cast to the requested dtype. The arithmetic itself runs in float32.
+  6. (x - mean) / std, cast to the requested dtype. The arithmetic itself runs in float32;
+     the matmuls at HIGHEST precision for float32 output, DEFAULT (TF32 on GPUs) for
+     16-bit output, whose own rounding is coarser.
+
+Speed (docs/performance.md): steps 1-4 work on three separate colour planes. XLA fuses
+elementwise chains into single loops that recompute a producer for every element they
+read; a colour op reads all three channels of a pixel, so on interleaved RGB a chain of n
+ops costs ~3^n evaluations. The colour jitter's blend slots run in two short loops, whose
+carries are materialised for the same reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -200,22 +210,89 @@ def resize_matrices(crop_box: jax.Array, in_hw: Sequence[int], out_size: int,
   return rows, cols
 
 
-def crop_resize_flip(clip: jax.Array, crop_box: jax.Array, flip: jax.Array | bool,
-                     out_size: int) -> jax.Array:
-  """(L, H, W, 3) uint8 -> (L, S, S, 3) float32 in [0, 1], same box and flip for all frames."""
+def _crop_resize_planes(clip: jax.Array, crop_box: jax.Array, flip: jax.Array | bool,
+                        out_size: int, precision: jax.lax.Precision) -> jax.Array:
+  """(L, H, W, 3) uint8 -> (3, L, S, S) float32 in [0, 1]: one plane per channel."""
   rows, cols = resize_matrices(crop_box, clip.shape[1:3], out_size, flip)
-  frames = clip.astype(jnp.float32)
-  frames = jnp.einsum("sh,lhwc->lswc", rows, frames, precision=_HIGHEST)
-  frames = jnp.einsum("tw,lswc->lstc", cols, frames, precision=_HIGHEST)
-  return frames * (1.0 / 255.0)
+  # Contract W first, on (H, L, 3, W): both matmuls then see their contracted axis last /
+  # first without a float transpose in between (the one transpose is on uint8 input).
+  frames = jnp.transpose(clip, (1, 0, 3, 2)).astype(jnp.float32)  # (H, L, 3, W)
+  frames = jnp.einsum("hlcw,tw->hlct", frames, cols * (1.0 / 255.0), precision=precision)
+  return jnp.einsum("sh,hlct->clst", rows, frames, precision=precision)  # (3, L, S, S)
+
+
+def crop_resize_flip(clip: jax.Array, crop_box: jax.Array, flip: jax.Array | bool,
+                     out_size: int, precision: jax.lax.Precision = _HIGHEST) -> jax.Array:
+  """(L, H, W, 3) uint8 -> (L, S, S, 3) float32 in [0, 1], same box and flip for all frames.
+
+  `precision` of the two matmuls: HIGHEST keeps uint8 values exact through the one-hot
+  rows of an identity resize on every backend; DEFAULT (TF32 on recent GPUs) is enough
+  when the result is cast to bfloat16 anyway (see `matmul_precision`).
+  """
+  planes = _crop_resize_planes(clip, crop_box, flip, out_size, precision)
+  return jnp.moveaxis(planes, 0, -1)
+
+
+def matmul_precision(dtype: Any) -> jax.lax.Precision:
+  """Resampling precision for an output `dtype`: exact float32 unless the output is 16-bit."""
+  return _HIGHEST if resolve_dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 # --- Colour (images (..., H, W, 3) float in [0, 1]) -------------------------------------
+#
+# The public ops take channels-last images; inside they work on three separate planes.
+# Every op mixes the channels of a pixel, and XLA's fused loops recompute a producer once
+# per distinct element they read: on interleaved RGB a chain of n such ops costs ~3^n
+# evaluations per pixel, on separate planes (same index for all three) it costs one.
+
+Planes = tuple[jax.Array, jax.Array, jax.Array]  # red, green, blue; each (..., H, W).
+
+
+def _split(images: jax.Array) -> Planes:
+  return images[..., 0], images[..., 1], images[..., 2]
+
+
+def _merge(planes: Planes) -> jax.Array:
+  return jnp.stack(planes, axis=-1)
+
+
+def _gray_plane(planes: Planes) -> jax.Array:
+  red, green, blue = planes
+  return GRAY_WEIGHTS[0] * red + GRAY_WEIGHTS[1] * green + GRAY_WEIGHTS[2] * blue
+
+
+def _blend_planes(planes: Planes, other: jax.Array, factor: jax.Array) -> Planes:
+  return tuple(jnp.clip(factor * plane + (1.0 - factor) * other, 0.0, 1.0)
+               for plane in planes)
+
+
+def _mean_gray_plane(planes: Planes) -> jax.Array:
+  """Mean luma of each image, shaped (..., 1, 1) to broadcast against a plane."""
+  return _gray_plane(planes).mean(axis=(-2, -1), keepdims=True)
+
+
+def _hue_planes(planes: Planes, shift: jax.Array) -> Planes:
+  """Hue rotation by `shift` turns in one elementwise pass (see `adjust_hue`)."""
+  red, green, blue = planes
+  value = jnp.maximum(jnp.maximum(red, green), blue)
+  chroma = value - jnp.minimum(jnp.minimum(red, green), blue)
+  divisor = jnp.where(chroma > 0, chroma, 1.0)
+  hue6 = jnp.where(value == red, (green - blue) / divisor,
+                   jnp.where(value == green, 2.0 + (blue - red) / divisor,
+                             4.0 + (red - green) / divisor))
+  hue6 = hue6 + 6.0 * shift
+
+  def channel(n):
+    k = n + hue6
+    k = k - 6.0 * jnp.floor(k * (1.0 / 6.0))  # mod 6 (floor vectorises; fmod does not)
+    return value - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+  return channel(5.0), channel(3.0), channel(1.0)
 
 
 def rgb_to_gray(images: jax.Array) -> jax.Array:
   """(..., H, W, 3) -> (..., H, W) luma with torchvision's weights."""
-  return jnp.tensordot(images, jnp.asarray(GRAY_WEIGHTS, images.dtype), axes=([-1], [0]))
+  return _gray_plane(_split(images))
 
 
 def grayscale(images: jax.Array) -> jax.Array:
@@ -223,26 +300,23 @@ def grayscale(images: jax.Array) -> jax.Array:
   return jnp.broadcast_to(rgb_to_gray(images)[..., None], images.shape)
 
 
-def _blend(images: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
-  return jnp.clip(factor * images + (1.0 - factor) * other, 0.0, 1.0)
-
-
 def adjust_brightness(images: jax.Array, factor: jax.Array) -> jax.Array:
-  return _blend(images, jnp.zeros_like(images), factor)
+  return _merge(_blend_planes(_split(images), jnp.zeros((), images.dtype), factor))
 
 
 def adjust_contrast(images: jax.Array, factor: jax.Array) -> jax.Array:
   """Blends with the mean grey level of each image (frame)."""
-  mean_gray = rgb_to_gray(images).mean(axis=(-2, -1), keepdims=True)[..., None]
-  return _blend(images, mean_gray, factor)
+  planes = _split(images)
+  return _merge(_blend_planes(planes, _mean_gray_plane(planes), factor))
 
 
 def adjust_saturation(images: jax.Array, factor: jax.Array) -> jax.Array:
-  return _blend(images, grayscale(images), factor)
+  planes = _split(images)
+  return _merge(_blend_planes(planes, _gray_plane(planes), factor))
 
 
 def rgb_to_hsv(images: jax.Array) -> jax.Array:
-  """torchvision's _rgb2hsv, channels last; hue in turns [0, 1)."""
+  """torchvision's _rgb2hsv, channels last; hue in turns [0, 1) (reference form)."""
   red, green, blue = images[..., 0], images[..., 1], images[..., 2]
   max_c = images.max(axis=-1)
   min_c = images.min(axis=-1)
@@ -263,7 +337,7 @@ def rgb_to_hsv(images: jax.Array) -> jax.Array:
 
 
 def hsv_to_rgb(images: jax.Array) -> jax.Array:
-  """torchvision's _hsv2rgb, channels last."""
+  """torchvision's _hsv2rgb, channels last (reference form)."""
   hue, saturation, value = images[..., 0], images[..., 1], images[..., 2]
   sector = jnp.floor(hue * 6.0)
   fraction = hue * 6.0 - sector
@@ -278,26 +352,54 @@ def hsv_to_rgb(images: jax.Array) -> jax.Array:
 
 
 def adjust_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
-  """Rotates hue by `shift` turns (torchvision's hue_factor)."""
-  hsv = rgb_to_hsv(images)
-  hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + shift, 1.0))
-  return hsv_to_rgb(hsv)
+  """Rotates hue by `shift` turns (torchvision's hue_factor), in one elementwise pass.
+
+  The same maths as `hsv_to_rgb(rgb_to_hsv(x))` with the hue moved, without the sector
+  selects: with V = max, C = max - min and the hue in sixths of a turn h6, channel
+  n (R: 5, G: 3, B: 1) is V - C * clip(min(k, 4 - k), 0, 1), k = (n + h6) mod 6.
+  Grey pixels (C = 0) stay as they are.
+  """
+  return _merge(_hue_planes(_split(images), shift))
+
+
+def _jitter_planes(planes: Planes, brightness: jax.Array, contrast: jax.Array,
+                   saturation: jax.Array, hue: jax.Array, order: jax.Array) -> Planes:
+  """`color_jitter` on planes."""
+  position = jnp.argsort(order)  # position[op]: where op comes in the order.
+  hue_position = position[3]
+  blend_ops = order[jnp.argsort(order == 3, stable=True)[:3]]  # 0 bright., 1 contr., 2 sat.
+  blend_after_hue = position[blend_ops] > hue_position
+  factors = jnp.stack([brightness, contrast, saturation]).astype(planes[0].dtype)[blend_ops]
+
+  def blend_slot(slot, planes, after_hue):
+    op = blend_ops[slot]
+    factor = jnp.where(blend_after_hue[slot] == after_hue, factors[slot], 1.0)
+    gray = _gray_plane(planes)
+    mean_gray = gray.mean(axis=(-2, -1), keepdims=True)  # contrast's reference level
+    other = jnp.where(op == 0, 0.0, jnp.where(op == 1, mean_gray, gray))
+    return _blend_planes(planes, other, factor)
+
+  # Loops, not unrolled code: the carry is materialised between slots. Unrolled, XLA
+  # fuses the whole chain into one loop, where each slot reads all three planes of the
+  # previous one, so the work grows as ~4^slots (seconds instead of milliseconds on CPU).
+  planes = jax.lax.fori_loop(0, 3, functools.partial(blend_slot, after_hue=False), planes)
+  planes = _hue_planes(planes, hue)
+  return jax.lax.fori_loop(0, 3, functools.partial(blend_slot, after_hue=True), planes)
 
 
 def color_jitter(images: jax.Array, brightness: jax.Array, contrast: jax.Array,
                  saturation: jax.Array, hue: jax.Array, order: jax.Array) -> jax.Array:
   """The four adjustments in the order given by `order`, a permutation of range(4).
 
-  Branch-free: each position computes all four ops and selects one (what `lax.switch`
-  becomes under `vmap` anyway; `switch` also trips `shard_map`'s replication checks).
+  Branch-free without computing every op at every position. Brightness, contrast and
+  saturation are all blends `clip(f * x + (1 - f) * other)` (other: 0, the image's mean
+  grey level, its grey image); they run as three "blend slots" in their relative order
+  before the hue shift (active where they precede it in `order`) and the same three
+  slots after it; an inactive slot has f = 1, an exact identity on [0, 1]. Six cheap
+  blends and one hue shift, where computing all four ops at each of the four positions
+  costs four hue shifts.
   """
-  def apply_position(position, images):
-    candidates = (adjust_brightness(images, brightness), adjust_contrast(images, contrast),
-                  adjust_saturation(images, saturation), adjust_hue(images, hue))
-    return jnp.select([order[position] == op for op in range(4)], candidates)
-
-  # A loop rather than 4 unrolled copies: a quarter of the program to compile.
-  return jax.lax.fori_loop(0, 4, apply_position, images)
+  return _merge(_jitter_planes(_split(images), brightness, contrast, saturation, hue, order))
 
 
 # --- Blur and normalisation -------------------------------------------------------------
@@ -308,28 +410,67 @@ def blur_radius(size: int) -> int:
   return min(max(1, int(0.1 * size) // 2), size - 1)
 
 
+def gaussian_kernel(sigma: jax.Array, radius: int) -> jax.Array:
+  """(2 * radius + 1,) normalised Gaussian taps."""
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+  return kernel / kernel.sum()
+
+
 def blur_matrix(sigma: jax.Array, size: int, radius: int) -> jax.Array:
-  """(size, size) Gaussian filter with reflect borders; rows sum to 1."""
+  """(size, size) Gaussian filter with reflect borders; rows sum to 1 (reference form)."""
   offsets = jnp.arange(-radius, radius + 1)
-  kernel = jnp.exp(-0.5 * (offsets.astype(jnp.float32) / sigma) ** 2)
-  kernel = kernel / kernel.sum()
   sources = jnp.arange(size)[:, None] + offsets[None, :]  # (size, taps)
   sources = jnp.abs(sources)  # reflect at 0 (-1 -> 1)
   sources = jnp.where(sources > size - 1, 2 * (size - 1) - sources, sources)
   one_hot = jax.nn.one_hot(sources, size, dtype=jnp.float32)  # (size, taps, size)
-  return jnp.einsum("k,pkq->pq", kernel, one_hot)
+  return jnp.einsum("k,pkq->pq", gaussian_kernel(sigma, radius), one_hot)
+
+
+def _correlate_valid(padded: jax.Array, kernel: jax.Array, axis: int) -> jax.Array:
+  """Valid correlation of `padded` with `kernel` (taps on its last axis) along `axis`."""
+  num_taps = kernel.shape[-1]
+  size = padded.shape[axis] - num_taps + 1
+  filtered = kernel[..., 0] * jax.lax.slice_in_dim(padded, 0, size, axis=axis)
+  for tap in range(1, num_taps):
+    filtered = filtered + kernel[..., tap] * jax.lax.slice_in_dim(padded, tap, tap + size,
+                                                                   axis=axis)
+  return filtered
+
+
+def _blur_planes(planes: jax.Array, sigma: jax.Array, enabled: jax.Array | bool,
+                 radius: int, precision: jax.lax.Precision = _HIGHEST) -> jax.Array:
+  """Separable blur over the last two axes (H, W) of `planes`; reflect borders.
+
+  Along H: 2 * radius + 1 shifted multiply-adds (11 at 112 px), one fused elementwise
+  pass. Along W: a matmul with the dense (W, W) filter. The matmul costs more FLOPs but
+  ends the chain of fused elementwise work: XLA:CPU would otherwise recompute the first
+  pass inside every tap of the second, and the whole blur inside each consumer of the
+  augmented frames (the stem's forward and its weight gradient read them twice).
+  """
+  width = planes.shape[-1]
+  # Off: a unit impulse, so every output is 1 * x + 0 * neighbours, exactly x.
+  impulse = jnp.zeros(2 * radius + 1, jnp.float32).at[radius].set(1.0)
+  kernel = jnp.where(enabled, gaussian_kernel(sigma, radius), impulse).astype(planes.dtype)
+  pad = [(0, 0)] * (planes.ndim - 2) + [(radius, radius), (0, 0)]
+  padded = jnp.pad(planes, pad, mode="reflect")  # numpy 'reflect': -1 -> 1
+  rows_done = _correlate_valid(padded, kernel, axis=planes.ndim - 2)  # (..., H, W)
+  columns = jnp.where(enabled, blur_matrix(sigma, width, radius), jnp.eye(width))
+  return jnp.einsum("...hw,vw->...hv", rows_done, columns.astype(planes.dtype),
+                    precision=precision)
 
 
 def gaussian_blur(images: jax.Array, sigma: jax.Array,
                   enabled: jax.Array | bool = True) -> jax.Array:
-  """Separable blur of (..., H, W, 3) images; `enabled=False` is an exact identity."""
+  """Separable blur of (..., H, W, 3) images; `enabled=False` is an exact identity.
+
+  2 * radius + 1 shifted multiply-adds per axis (11 at 112 px) rather than a dense
+  (S, S) matmul per axis: ~10x fewer FLOPs, one fused elementwise pass per axis.
+  """
   height, width = images.shape[-3], images.shape[-2]
-  rows = blur_matrix(sigma, height, blur_radius(min(height, width)))
-  cols = blur_matrix(sigma, width, blur_radius(min(height, width)))
-  rows = jnp.where(enabled, rows, jnp.eye(height, dtype=rows.dtype))
-  cols = jnp.where(enabled, cols, jnp.eye(width, dtype=cols.dtype))
-  images = jnp.einsum("ph,...hwc->...pwc", rows, images, precision=_HIGHEST)
-  return jnp.einsum("qw,...pwc->...pqc", cols, images, precision=_HIGHEST)
+  planes = jnp.moveaxis(images, -1, 0)  # (3, ..., H, W)
+  blurred = _blur_planes(planes, sigma, enabled, blur_radius(min(height, width)))
+  return jnp.moveaxis(blurred, 0, -1)
 
 
 def normalize(images: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,
@@ -410,13 +551,35 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
   if clip.dtype != jnp.uint8:
     raise TypeError(f"Expected a uint8 clip, got {clip.dtype}.")
   dtype = resolve_dtype(dtype)
-  frames = crop_resize_flip(clip, params.crop_box, params.flip, params.out_size)
-  jittered = color_jitter(frames, params.brightness, params.contrast, params.saturation,
-                          params.hue, params.jitter_order)
-  frames = jnp.where(params.jitter, jittered, frames)
-  frames = jnp.where(params.grayscale, grayscale(frames), frames)
-  frames = gaussian_blur(frames, params.blur_sigma, params.blur)
-  return normalize(frames, params.mean, params.std).astype(dtype)  # (L, S, S, 3)
+  height, width = clip.shape[1:3]
+  out_size = params.out_size
+  planes = _crop_resize_planes(clip, params.crop_box, params.flip, out_size,
+                               matmul_precision(dtype))  # (3, L, S, S)
+  rgb = (planes[0], planes[1], planes[2])
+  jittered = _jitter_planes(rgb, params.brightness, params.contrast, params.saturation,
+                            params.hue, params.jitter_order)
+  rgb = tuple(jnp.where(params.jitter, new, old) for new, old in zip(jittered, rgb))
+  gray = _gray_plane(rgb)
+  rgb = tuple(jnp.where(params.grayscale, gray, plane) for plane in rgb)
+  planes = _blur_planes(jnp.stack(rgb), params.blur_sigma, params.blur,
+                        blur_radius(out_size), matmul_precision(dtype))  # (3, L, S, S)
+  frames = jnp.moveaxis(planes, 0, -1)  # (L, S, S, 3)
+  return normalize(frames, params.mean, params.std).astype(dtype)
+
+
+def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.float32
+                  ) -> jax.Array:
+  """A batch of clips at once: (K, L, H, W, 3) uint8, params with leaves (K, ...) ->
+  (K, L, S, S, 3) `dtype`.
+
+  One vmapped program: the resampling and blur become batched matmuls / fused
+  elementwise passes over all K clips, with no per-clip loop. Each clip's result equals
+  `apply_augment` on it up to float rounding (XLA may order the contrast mean's sum
+  differently for different K, ~1e-7).
+  """
+  if clips.ndim != 5 or clips.shape[-1] != 3:
+    raise ValueError(f"Expected clips (K, L, H, W, 3), got shape {clips.shape}.")
+  return jax.vmap(lambda p, c: apply_augment(p, c, dtype))(params, clips)
 
 
 def augment_clip(key: jax.Array, clip: jax.Array, aug_config: Any, out_size: int,

@@ -5,6 +5,10 @@ purely spatial (1, kh, kw) or purely temporal (kt, 1, 1), so `VideoConv` keeps a
 Conv3D-shaped parameter (checkpoints look like a Conv3D) and computes it as a 2D
 convolution (or a matmul) over a reshaped tensor. On an H200 (bf16, R3D50, 8 x 32 x 112^2)
 this matched native 3D convolutions: 18.8 vs 18.1 ms per forward+backward, one run each.
+
+Two CPU speed-ups with custom gradients (docs/performance.md): the stem's strided conv
+over 3 channels trains through space-to-depth, and the max-pool records its winning tap
+instead of using XLA's select-and-scatter gradient.
 """
 
 from __future__ import annotations
@@ -57,13 +61,112 @@ def _compute_dtype(dtype: Dtype | None, *arrays: jax.Array) -> Dtype:
   return dtype if dtype is not None else jnp.result_type(*arrays)
 
 
+def _conv2d(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """NHWC x HWIO convolution with PyTorch padding (k // 2 on both sides)."""
+  kh, kw = kernel.shape[:2]
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride),
+      padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _space_to_depth_geometry(x_shape: tuple[int, ...], kernel_hw: tuple[int, int],
+                             stride: int) -> tuple[int, int, int, int, int, int]:
+  """(out_h, out_w, blocks_h, blocks_w, span_h, span_w) of `_conv2d_space_to_depth`."""
+  _, height, width, _ = x_shape
+  kh, kw = kernel_hw
+  out_h = (height + 2 * (kh // 2) - kh) // stride + 1
+  out_w = (width + 2 * (kw // 2) - kw) // stride + 1
+  blocks_h, blocks_w = -(-kh // stride), -(-kw // stride)  # kernel size in blocks
+  # Rows/columns the stride-1 conv reads: (out - 1 + blocks) blocks of `stride` pixels.
+  return (out_h, out_w, blocks_h, blocks_w, stride * (out_h - 1 + blocks_h),
+          stride * (out_w - 1 + blocks_w))
+
+
+def _to_blocks(x: jax.Array, kernel_hw: tuple[int, int], stride: int) -> jax.Array:
+  """(N, H, W, C) -> (N, span_h / s, span_w / s, s * s * C): padded, cut to the span the
+  convolution reads, each s x s block of pixels as one pixel."""
+  num, height, width, channels = x.shape
+  kh, kw = kernel_hw
+  *_, span_h, span_w = _space_to_depth_geometry(x.shape, kernel_hw, stride)
+  padded = jnp.pad(x, ((0, 0), (kh // 2, max(0, span_h - height - kh // 2)),
+                       (kw // 2, max(0, span_w - width - kw // 2)), (0, 0)))
+  padded = padded[:, :span_h, :span_w]
+  blocks = padded.reshape(num, span_h // stride, stride, span_w // stride, stride, channels)
+  return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(
+      num, span_h // stride, span_w // stride, stride * stride * channels)
+
+
+def _block_kernel(kernel: jax.Array, stride: int) -> jax.Array:
+  """(kh, kw, C, O) -> (ceil(kh / s), ceil(kw / s), s * s * C, O), zero-padded."""
+  kh, kw, channels, _ = kernel.shape
+  blocks_h, blocks_w = -(-kh // stride), -(-kw // stride)
+  padded = jnp.pad(kernel, ((0, blocks_h * stride - kh), (0, blocks_w * stride - kw),
+                            (0, 0), (0, 0)))
+  padded = padded.reshape(blocks_h, stride, blocks_w, stride, channels, -1)
+  return padded.transpose(0, 2, 1, 3, 4, 5).reshape(
+      blocks_h, blocks_w, stride * stride * channels, -1)
+
+
+def _conv2d_on_blocks(blocks: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(blocks, _block_kernel(kernel, stride), (1, 1), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv2d_space_to_depth(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """`_conv2d` as a stride-1 convolution of the space-to-depth input.
+
+  Each stride x stride block of input pixels becomes one pixel with stride^2 * Cin
+  channels, and the kernel, zero-padded to a multiple of the stride, is rearranged to
+  match: (k, k, Cin) -> (ceil(k / s), ceil(k / s), s^2 * Cin). The same sums (plus zero
+  terms), but a dense stride-1 convolution over more channels, which XLA:CPU runs far
+  faster than a strided one over 3 channels (the demo's stem: 40 -> 26 ms).
+  """
+  return _conv2d_on_blocks(_to_blocks(x, kernel.shape[:2], stride), kernel, stride)
+
+
+# Strided convs with at most this many input channels (the stems) use space-to-depth on
+# CPU in training. Measured on CPU: 3 channels 40 -> 26 ms; 16 or 32 channels slower.
+SPACE_TO_DEPTH_MAX_CHANNELS = 4
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _strided_conv_few_channels(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """A strided conv over few input channels: `_conv2d`'s values, faster in CPU training.
+
+  The primal is the plain convolution (what inference runs, and what MAC counters see).
+  The training forward pass (the custom_vjp fwd rule) runs it by space-to-depth on CPU
+  and plainly elsewhere, so other backends compute exactly what they did before; the
+  backward pass is the plain convolution's own VJP everywhere (the weight gradient is
+  not faster by space-to-depth on CPU: 137 vs 23 ms).
+  """
+  return _conv2d(x, kernel, stride)
+
+
+def _strided_conv_few_channels_fwd(x, kernel, stride):
+  y = jax.lax.platform_dependent(
+      x, kernel, cpu=functools.partial(_conv2d_space_to_depth, stride=stride),
+      default=functools.partial(_conv2d, stride=stride))
+  return y, (x, kernel)
+
+
+def _strided_conv_few_channels_bwd(stride, residuals, grad):
+  x, kernel = residuals
+  return jax.vjp(functools.partial(_conv2d, stride=stride), x, kernel)[1](grad)
+
+
+_strided_conv_few_channels.defvjp(_strided_conv_few_channels_fwd,
+                                  _strided_conv_few_channels_bwd)
+
+
 class VideoConv(nnx.Module):
   """Bias-free video convolution with a (kt, kh, kw, Cin, Cout) kernel.
 
   Supported kernels: (1, kh, kw) with spatial stride, computed as a 2D conv over
-  (B*T, H, W, C); (kt, 1, 1) with 'same' temporal padding, computed as a 2D conv with a
-  (kt, 1) kernel over (B, T, H*W, C); (1, 1, 1) is a matmul. There is never a temporal
-  stride. Padding is PyTorch-style (k // 2 on both sides), so output sizes match the
+  (B*T, H, W, C) (a strided one over <= 4 input channels, i.e. the stem, trains through
+  space-to-depth on CPU); (kt, 1, 1) with 'same' temporal padding, computed as a 2D conv
+  with a (kt, 1) kernel over (B, T, H*W, C); (1, 1, 1) is a matmul. There is never a
+  temporal stride. Padding is PyTorch-style (k // 2 on both sides), so output sizes match the
   reference implementations: H' = (H + 2 * (kh // 2) - kh) // stride + 1.
   """
 
@@ -122,10 +225,10 @@ class VideoConv(nnx.Module):
     if kt == 1:
       # Spatial conv, frames folded into the batch.
       frames_2d = x.reshape(batch * frames, height, width, -1)  # (B*T, H, W, Cin)
-      y = jax.lax.conv_general_dilated(
-          frames_2d, kernel[0], window_strides=(self.stride, self.stride),
-          padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      if self.stride > 1 and self.in_features <= SPACE_TO_DEPTH_MAX_CHANNELS:
+        y = _strided_conv_few_channels(frames_2d, kernel[0], self.stride)
+      else:
+        y = _conv2d(frames_2d, kernel[0], self.stride)
       return y.reshape(batch, frames, *y.shape[1:])
 
     # Temporal conv: time is the first spatial axis, pixels the second.
@@ -159,15 +262,108 @@ def batch_norm(
       param_dtype=jnp.float32, scale_init=scale_init, axis_name=axis_name, rngs=rngs)
 
 
+def _pool_geometry(size: int, window: int, stride: int) -> tuple[int, int]:
+  """(padding per side, output size) of a PyTorch-style pool along one axis."""
+  pad = window // 2
+  return pad, (size + 2 * pad - window) // stride + 1
+
+
+def _pool_taps(x: jax.Array, window: int, stride: int) -> list[jax.Array]:
+  """The window * window strided views of x (B, T, H, W, C) padded with -inf, in raster
+  order: tap (i, j) holds x[..., stride * h' + i - pad, stride * w' + j - pad, :]."""
+  batch, frames, height, width, channels = x.shape
+  pad, out_h = _pool_geometry(height, window, stride)
+  _, out_w = _pool_geometry(width, window, stride)
+  padded = jnp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)),
+                   constant_values=-jnp.inf)
+  return [jax.lax.slice(padded, (0, 0, i, j, 0),
+                        (batch, frames, i + (out_h - 1) * stride + 1,
+                         j + (out_w - 1) * stride + 1, channels),
+                        (1, 1, stride, stride, 1))
+          for i in range(window) for j in range(window)]
+
+
+def _max_pool_forward(x: jax.Array, window: int, stride: int) -> tuple[jax.Array, jax.Array]:
+  """Max over the taps and which tap (int8, the first in raster order) holds it."""
+  taps = _pool_taps(x, window, stride)
+  pooled, winner = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+  for index, tap in enumerate(taps[1:], start=1):
+    larger = tap > pooled  # strict: ties keep the earlier tap, as reduce_window's gradient
+    pooled = jnp.where(larger, tap, pooled)
+    winner = jnp.where(larger, jnp.int8(index), winner)
+  return pooled, winner
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  return _max_pool_forward(x, window, stride)[0]
+
+
+def _max_pool_fwd(x, window, stride):
+  pooled, winner = _max_pool_forward(x, window, stride)
+  return pooled, (winner, x.shape)
+
+
+def _max_pool_bwd(window, stride, residuals, grad):
+  """Each output's gradient goes to the input its max came from.
+
+  Computed per stride phase of the padded input grid: padded row P = stride * q + r
+  receives from taps i = r + m * stride of output row q - m (m = 0, 1, ...), so each
+  phase is a sum of a few shifted, masked copies of the output gradient, and the phases
+  are interleaved at the end. Cheaper than placing each tap's gradients back with an
+  interior padding (each padded element then evaluates all window^2 pads).
+  """
+  winner, (batch, frames, height, width, channels) = residuals
+  pad, out_h = _pool_geometry(height, window, stride)
+  _, out_w = _pool_geometry(width, window, stride)
+  phases_h = -(-(height + 2 * pad) // stride)  # q ranges of the padded grid
+  phases_w = -(-(width + 2 * pad) // stride)
+  zero = jnp.zeros((), grad.dtype)
+
+  def shifted(tap_grad, shift_h, shift_w):
+    """tap_grad[q - shift] on the (phases_h, phases_w) grid, zero outside."""
+    return jax.lax.pad(tap_grad, zero, ((0, 0, 0), (0, 0, 0),
+                                        (shift_h, phases_h - out_h - shift_h, 0),
+                                        (shift_w, phases_w - out_w - shift_w, 0), (0, 0, 0)))
+
+  rows = []
+  for phase_h in range(stride):
+    columns = []
+    for phase_w in range(stride):
+      total = None
+      for tap_h in range(phase_h, window, stride):
+        for tap_w in range(phase_w, window, stride):
+          index = tap_h * window + tap_w
+          part = shifted(jnp.where(winner == index, grad, zero), (tap_h - phase_h) // stride,
+                         (tap_w - phase_w) // stride)
+          total = part if total is None else total + part
+      if total is None:  # no tap lands on this phase (stride > window)
+        total = jnp.zeros((batch, frames, phases_h, phases_w, channels), grad.dtype)
+      columns.append(total)
+    rows.append(jnp.stack(columns, axis=4))  # (B, T, Qh, Qw, s_w, C)
+  grid = jnp.stack(rows, axis=3)  # (B, T, Qh, s_h, Qw, s_w, C)
+  grid = grid.reshape(batch, frames, phases_h * stride, phases_w * stride, channels)
+  return (grid[:, :, pad:pad + height, pad:pad + width],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def max_pool_spatial(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
   """Per-frame max-pool, PyTorch padding (window // 2, padded with -inf).
 
   x: (B, T, H, W, C) -> (B, T, H', W', C).
+
+  The max of window^2 strided slices, with a custom gradient: the forward pass also
+  records which tap won (int8), and the backward pass routes each output's gradient to
+  that input. The same values and the same gradient as `lax.reduce_window` + autodiff
+  (ties go to the first maximum in raster order there too; sums of gradients that meet
+  at one input may round differently), without XLA's generic select-and-scatter, which
+  is slow on CPU: fwd + bwd of the demo's stem output 55 -> 10 ms (docs/performance.md).
   """
-  pad = window // 2
-  # A Python -inf init keeps it a concrete max-monoid, which JAX knows how to differentiate.
-  return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max,
-      window_dimensions=(1, 1, window, window, 1),
-      window_strides=(1, 1, stride, stride, 1),
-      padding=((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)))
+  if x.ndim != 5:
+    raise ValueError(f"max_pool_spatial expects (B, T, H, W, C); got shape {x.shape}.")
+  if not 1 <= window <= 11 or stride < 1:
+    raise ValueError(f"max_pool_spatial needs 1 <= window <= 11 (the winning tap is kept "
+                     f"as int8) and stride >= 1; got window={window}, stride={stride}.")
+  return _max_pool(x, window, stride)

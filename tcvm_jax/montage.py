@@ -23,16 +23,27 @@ slot are drawn from `fold_in(augment_key, id)`:
 Because ids are global, the output depends only on the global batch and the key, not on
 the number of devices.
 
-Device layout: inside `jax.shard_map` over `data`, each device all-gathers the uint8 clips
-of the whole batch (tiled), picks the clips of its own pseudo-videos and augments them, one
-pseudo-video per `lax.map` step so that every device runs the same per-pseudo-video program:
-outputs are bitwise equal on 1 and 4 devices (a plain vmap over all local clips lets XLA
-reorder the contrast mean's float sum, ~1e-6 differences). The parameters are sampled
-outside `shard_map` from the replicated key and sharded like the pseudo-videos.
+Device layout: inside `jax.shard_map` over `data`, each device sends the uint8 clips its
+videos hold to the devices whose pseudo-videos need them, then augments all of its own
+slots in one batched (vmapped) program. The parameters are sampled outside `shard_map`
+from the replicated key and sharded like the pseudo-videos.
+
+The exchange (`exchange=`):
+  'all_to_all'  two balanced `all_to_all` rounds (`exchange_plan`): each device receives
+                D * (C1 + C2) clips, C1 = ceil(M / D), C2 = min(M, floor(M / D) + D - 1),
+                M = clips per device (s * local batch), D = devices. At 8 devices x 32
+                videos x 4 clips: 312 clips instead of 1024.
+  'all_gather'  every device receives all D * M clips (simple; kept for debugging).
+  'auto'        (default) whichever receives fewer bytes.
+The source_ids and the clips each slot receives are identical on any number of devices
+and with either exchange. The augmented pixels agree to float rounding (~1e-6 on
+normalised pixels): XLA may order the contrast mean's sum differently for a different
+number of clips per device; with augmentation off they are exactly equal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -45,6 +56,7 @@ from tcvm_jax import augment as augment_lib
 from tcvm_jax import mesh as mesh_lib
 
 VARIANTS = ("C-A-S", "A-C-S", "C-S-A", "C-A")
+EXCHANGES = ("auto", "all_to_all", "all_gather")
 
 
 def _check_counts(num_videos: int, num_clips: int) -> None:
@@ -111,33 +123,163 @@ def montage_augment_params(key: jax.Array, param_ids: jax.Array, aug_config: Any
   return jax.tree.map(lambda leaf: leaf.reshape(param_ids.shape + leaf.shape[1:]), flat_params)
 
 
-def _montage_shard(local_videos: jax.Array, local_gather_rows: jax.Array,
-                   local_params: augment_lib.AugmentParams, *, num_clips: int,
-                   dtype: Any) -> jax.Array:
-  """Per device: gather every clip, keep this device's slots, augment them."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExchangePlan:
+  """Index tables of the two-round all_to_all exchange, leading axis = device.
+
+  Indices equal to the indexed axis' size mark empty places (gathered as zeros).
+    send_1[d, i, p]  which local clip device d puts at place p of its chunk for device i.
+    send_2[i, e, p]  which clip of its round-1 receive buffer (flattened (D * C1), source
+                     major) device i puts at place p of its chunk for device e.
+    final[e, q]      where local slot q (pseudo-video q // s, clip q % s) of device e is
+                     in its round-2 receive buffer (flattened (D * C2)).
+  """
+  send_1: jax.Array  # (D, D, C1) int32
+  send_2: jax.Array  # (D, D, C2) int32
+  final: jax.Array   # (D, M) int32
+
+
+def exchange_capacities(clips_per_device: int, num_devices: int) -> tuple[int, int]:
+  """(C1, C2): places per (sender, receiver) pair in the two all_to_all rounds.
+
+  Round 1 deals each device's clips, sorted by destination, round-robin over the D
+  devices: at most ceil(M / D) per receiver. The c(d, e) clips from d to e are
+  consecutive in d's order, so each relay receives at most ceil(c(d, e) / D) of them;
+  summed over the sources (sum_d c(d, e) = M) that is at most M / D + D - 1 per
+  (relay, destination) pair, and never more than M. (The plan's scatters would drop a
+  clip past these bounds; tests/test_montage.py checks delivery on many assignments.)
+  """
+  capacity_1 = -(-clips_per_device // num_devices)
+  capacity_2 = min(clips_per_device, clips_per_device // num_devices + num_devices - 1)
+  return capacity_1, capacity_2
+
+
+def exchange_plan(gather_rows: jax.Array, num_devices: int) -> ExchangePlan:
+  """Routes clip `gather_rows[n, k]` (row = source * s + clip) to slot (n, k) in two
+  balanced all_to_all rounds over `num_devices` devices holding equal batch shards.
+
+  Every device computes the same plan from the replicated assignment. Round 1: each
+  device sorts its clips by destination slot and deals them round-robin to all devices
+  (relays). Round 2: each relay forwards what it holds to the destinations.
+  """
+  num_videos, num_clips = gather_rows.shape
+  total = num_videos * num_clips
+  if total % num_devices:
+    raise ValueError(f"{num_videos} videos x {num_clips} clips do not split over "
+                     f"{num_devices} devices.")
+  per_device = total // num_devices  # M
+  capacity_1, capacity_2 = exchange_capacities(per_device, num_devices)
+  slot_of_clip = jnp.zeros(total, jnp.int32).at[gather_rows.reshape(-1)].set(
+      jnp.arange(total, dtype=jnp.int32))  # which slot takes global clip g
+  clip_ids = jnp.arange(total, dtype=jnp.int32)
+  source_device = clip_ids // per_device
+  dest_device = slot_of_clip // per_device
+
+  # Round 1: rank of each clip among its device's clips, sorted by destination slot.
+  by_source = jnp.argsort(source_device * total + slot_of_clip)
+  rank = jnp.zeros(total, jnp.int32).at[by_source].set(clip_ids % per_device)
+  relay = rank % num_devices
+  place_1 = rank // num_devices
+  send_1 = jnp.full((num_devices, num_devices, capacity_1), per_device, jnp.int32)
+  send_1 = send_1.at[source_device, relay, place_1].set(clip_ids % per_device)
+
+  # Round 2: at each relay, number the clips bound for each destination.
+  group = relay * num_devices + dest_device  # (relay, destination) pair
+  by_group = jnp.argsort(group * total + slot_of_clip)
+  sorted_group = group[by_group]
+  group_start = jnp.searchsorted(sorted_group, sorted_group, side="left")
+  place_2 = jnp.zeros(total, jnp.int32).at[by_group].set(
+      jnp.arange(total, dtype=jnp.int32) - group_start.astype(jnp.int32))
+  received_1 = source_device * capacity_1 + place_1  # where the relay holds it
+  send_2 = jnp.full((num_devices, num_devices, capacity_2), num_devices * capacity_1,
+                    jnp.int32)
+  send_2 = send_2.at[relay, dest_device, place_2].set(received_1)
+
+  received_2 = relay * capacity_2 + place_2  # where the destination holds it
+  final = jnp.zeros((num_devices, per_device), jnp.int32)
+  final = final.at[dest_device, slot_of_clip % per_device].set(received_2)
+  return ExchangePlan(send_1=send_1, send_2=send_2, final=final)
+
+
+def choose_exchange(exchange: str, clips_per_device: int, num_devices: int) -> str:
+  """'auto' -> the exchange that receives fewer clips per device."""
+  if exchange not in EXCHANGES:
+    raise ValueError(f"exchange={exchange!r}; choose from {EXCHANGES}.")
+  if exchange != "auto":
+    return exchange
+  if num_devices == 1:
+    return "all_gather"  # a local gather; no collective either way
+  capacity_1, capacity_2 = exchange_capacities(clips_per_device, num_devices)
+  return "all_to_all" if capacity_1 + capacity_2 < clips_per_device else "all_gather"
+
+
+def _take(clips: jax.Array, rows: jax.Array) -> jax.Array:
+  """clips[rows] along axis 0; rows == len(clips) give zeros (empty places)."""
+  return jnp.take(clips, rows, axis=0, mode="fill", fill_value=0)
+
+
+def _exchange_all_to_all(local_clips: jax.Array, gather_rows: jax.Array) -> jax.Array:
+  """(M, L, H, W, 3) clips this device holds -> (M, ...) clips of its own slots."""
+  num_devices = jax.lax.axis_size(mesh_lib.DATA_AXIS)
+  device = jax.lax.axis_index(mesh_lib.DATA_AXIS)
+  plan = jax.tree.map(lambda table: table[device], exchange_plan(gather_rows, num_devices))
+  _, capacity_1 = plan.send_1.shape
+  capacity_2 = plan.send_2.shape[1]
+  clip_shape = local_clips.shape[1:]
+  chunks = _take(local_clips, plan.send_1.reshape(-1))
+  chunks = chunks.reshape(num_devices, capacity_1, *clip_shape)
+  received = jax.lax.all_to_all(chunks, mesh_lib.DATA_AXIS, 0, 0)  # (D, C1, ...) by source
+  chunks = _take(received.reshape(-1, *clip_shape), plan.send_2.reshape(-1))
+  chunks = chunks.reshape(num_devices, capacity_2, *clip_shape)
+  received = jax.lax.all_to_all(chunks, mesh_lib.DATA_AXIS, 0, 0)  # (D, C2, ...) by relay
+  return jnp.take(received.reshape(-1, *clip_shape), plan.final, axis=0)
+
+
+def _exchange_all_gather(local_clips: jax.Array, gather_rows: jax.Array) -> jax.Array:
+  """Every clip to every device, then the rows of this device's slots: (M, ...)."""
+  # Row r of the gathered array is clip r % s of global video r // s.
+  if jax.lax.axis_size(mesh_lib.DATA_AXIS) == 1:
+    all_clips = local_clips  # one device: no collective at all
+  else:
+    all_clips = jax.lax.all_gather(local_clips, mesh_lib.DATA_AXIS, tiled=True)
+  local_rows = jax.lax.dynamic_slice_in_dim(
+      gather_rows.reshape(-1), jax.lax.axis_index(mesh_lib.DATA_AXIS) * len(local_clips),
+      len(local_clips))
+  return jnp.take(all_clips, local_rows, axis=0)
+
+
+def _montage_shard(local_videos: jax.Array, gather_rows: jax.Array,
+                   local_params: augment_lib.AugmentParams, *, num_clips: int, dtype: Any,
+                   exchange: str) -> jax.Array:
+  """Per device: fetch the clips of this device's slots, augment them all at once.
+
+  gather_rows: the whole (N, s) assignment (replicated); the rest is this device's.
+  """
   local_num, num_frames, height, width, channels = local_videos.shape
   clip_len = num_frames // num_clips
   local_clips = local_videos.reshape(local_num * num_clips, clip_len, height, width, channels)
-  # Row r of the gathered array is clip r % s of global video r // s.
-  all_clips = jax.lax.all_gather(local_clips, mesh_lib.DATA_AXIS, tiled=True)  # (N*s, L, H, W, 3)
-  selected = jnp.take(all_clips, local_gather_rows, axis=0)  # (n, s, L, H, W, 3)
-  # One pseudo-video (s clips, vmapped) per loop step: the same program whatever the
-  # number of local pseudo-videos, so float reductions (the contrast mean) round the same
-  # way on any number of devices and the output is bitwise device-count independent.
-  augment_slots = jax.vmap(functools.partial(augment_lib.apply_augment, dtype=dtype))
-  augmented = jax.lax.map(lambda args: augment_slots(*args), (local_params, selected))
-  out_size = augmented.shape[3]  # (n, s, L, S, S, 3)
+  if exchange == "all_to_all":
+    slot_clips = _exchange_all_to_all(local_clips, gather_rows)  # (n * s, L, H, W, 3)
+  else:
+    slot_clips = _exchange_all_gather(local_clips, gather_rows)
+  flat_params = jax.tree.map(lambda leaf: leaf.reshape(-1, *leaf.shape[2:]), local_params)
+  augmented = augment_lib.augment_clips(flat_params, slot_clips, dtype)  # (n * s, L, S, S, 3)
+  out_size = augmented.shape[2]
   return augmented.reshape(local_num, num_clips * clip_len, out_size, out_size, channels)
 
 
 def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: int,
                   variant: str = "C-A-S", aug_config: Any = None, out_size: int | None = None,
-                  dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+                  dtype: Any = jnp.float32, exchange: str = "auto"
+                  ) -> tuple[jax.Array, jax.Array]:
   """Pseudo-videos (N, T, S, S, 3) `dtype` and source_ids (N, s) int32, both over `data`.
 
   videos: (N, T, H, W, 3) uint8, batch-sharded over the mesh's `data` axis.
   key: replicated PRNG key. aug_config: `config.augment`, or None to switch augmentation
   off (centred square crop resized to S, ImageNet normalisation). out_size: S (default H).
+  exchange: how clips move between devices, 'auto', 'all_to_all' or 'all_gather' (see
+  the module docstring); the result does not depend on it.
   """
   if videos.ndim != 5 or videos.shape[-1] != 3:
     raise ValueError(f"Expected videos (N, T, H, W, 3), got shape {videos.shape}.")
@@ -150,6 +292,8 @@ def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: i
     raise ValueError(f"data.num_frames={num_frames} is not divisible by "
                      f"montage.num_clips={num_clips}; clips must have equal length.")
   mesh_lib.check_batch_divisible(num_videos, mesh)
+  num_devices = mesh.shape[mesh_lib.DATA_AXIS]
+  exchange = choose_exchange(exchange, num_videos * num_clips // num_devices, num_devices)
   out_size = height if out_size is None else out_size
   dtype = augment_lib.resolve_dtype(dtype)
 
@@ -166,12 +310,19 @@ def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: i
     param_ids = augment_param_ids(source_index, clip_index, variant)
     params = montage_augment_params(augment_key, param_ids, aug_config, (height, width),
                                     out_size)
+  # Every device needs the whole assignment: computed replicated from the replicated key
+  # (left alone, XLA computes it split like source_ids and all-gathers it).
+  source_index = jax.lax.with_sharding_constraint(source_index,
+                                                  mesh_lib.replicated_sharding(mesh))
   gather_rows = source_index * num_clips + clip_index  # (N, s) rows of the gathered clips.
 
   data = P(mesh_lib.DATA_AXIS)
+  # gather_rows go in replicated: each device derives its part of the exchange from the
+  # whole assignment (computed outside, sharding propagation would split the plan's
+  # scatters over the devices and all-gather them back: two extra collectives).
   shard_fn = jax.shard_map(
-      functools.partial(_montage_shard, num_clips=num_clips, dtype=dtype),
-      mesh=mesh, in_specs=(data, data, data), out_specs=data)
+      functools.partial(_montage_shard, num_clips=num_clips, dtype=dtype, exchange=exchange),
+      mesh=mesh, in_specs=(data, P(), data), out_specs=data)
   pseudo_videos = shard_fn(videos, gather_rows, params)
   source_ids = jax.lax.with_sharding_constraint(source_index, mesh_lib.batch_sharding(mesh))
   return pseudo_videos, source_ids

@@ -1,4 +1,4 @@
-"""Runs the montage on a 1-device and a 4-device mesh and prints a JSON report.
+"""Runs the montage on 1 and 4 devices, with both exchanges, and prints a JSON report.
 
 Needs 4 devices before jax starts, e.g.
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/multidevice_montage_check.py
@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 
+from benchmarks.jax_step import collective_bytes
 from configs.pretrain import get_config
 from tcvm_jax import augment, mesh as mesh_lib, montage
 
@@ -28,17 +29,29 @@ def id_videos() -> np.ndarray:
   return videos
 
 
-def run(mesh, videos, variant, aug_config, out_size):
+def run(mesh, videos, variant, aug_config, out_size, exchange):
   fn = jax.jit(lambda v, k: montage.video_montage(
       v, k, mesh=mesh, num_clips=NUM_CLIPS, variant=variant, aug_config=aug_config,
-      out_size=out_size))
-  pseudo_videos, source_ids = fn(jax.device_put(videos, mesh_lib.batch_sharding(mesh)),
-                                 jax.random.key(42))
+      out_size=out_size, exchange=exchange))
+  sharded = jax.device_put(videos, mesh_lib.batch_sharding(mesh))
+  key = jax.random.key(42)
+  compiled = fn.lower(sharded, key).compile()
+  pseudo_videos, source_ids = compiled(sharded, key)
   shard_shapes = sorted({tuple(s.data.shape) for s in pseudo_videos.addressable_shards})
+  collectives = collective_bytes(compiled.as_text())
   return np.asarray(pseudo_videos), np.asarray(source_ids), {
       "num_shards": len(pseudo_videos.addressable_shards),
       "shard_shapes": [list(s) for s in shard_shapes],
       "spec": str(pseudo_videos.sharding.spec),
+      "collectives": {op: v for op, v in collectives.items() if v["count"]},
+  }
+
+
+def compare(reference, reference_ids, other, other_ids) -> dict:
+  return {
+      "ids_equal": bool(np.array_equal(reference_ids, other_ids)),
+      "videos_equal": bool(np.array_equal(reference, other)),
+      "max_abs_diff": float(np.abs(reference.astype(np.float64) - other).max()),
   }
 
 
@@ -54,23 +67,30 @@ def main() -> None:
   cases = {"C-A-S/aug": ("C-A-S", aug_config, OUT_SIZE, random_videos),
            "C-A-S/noaug": ("C-A-S", None, SIZE, id_videos())}
   for name, (variant, config, out_size, videos) in cases.items():
-    single, single_ids, _ = run(one_device, videos, variant, config, out_size)
-    multi, multi_ids, layout = run(four_devices, videos, variant, config, out_size)
-    report[name] = {
-        "ids_equal": bool(np.array_equal(single_ids, multi_ids)),
-        "videos_equal": bool(np.array_equal(single, multi)),
-        "max_abs_diff": float(np.abs(single.astype(np.float64) - multi).max()),
-        "source_ids": multi_ids.tolist(),
-        **layout,
-    }
+    single, single_ids, _ = run(one_device, videos, variant, config, out_size, "auto")
+    by_exchange = {}
+    # ('auto' picks all_to_all at these sizes: tests/test_montage.py checks the choice.)
+    for exchange in ("all_to_all", "all_gather"):
+      multi, multi_ids, layout = run(four_devices, videos, variant, config, out_size, exchange)
+      by_exchange[exchange] = (multi, multi_ids)
+      report[f"{name}/{exchange}"] = {
+          # 4 devices against 1 device.
+          **compare(single, single_ids, multi, multi_ids),
+          "source_ids": multi_ids.tolist(),
+          **layout,
+      }
+    # The two exchanges on the same 4 devices: the same clips reach the same program.
+    report[f"{name}/all_to_all_vs_all_gather"] = compare(
+        *by_exchange["all_gather"], *by_exchange["all_to_all"])
     if config is None:
       # Exact content on 4 devices: slot k of pseudo-video n is clip k of its source.
-      frames = np.asarray(augment.denormalize_to_uint8(multi))
-      clip_len = NUM_FRAMES // NUM_CLIPS
-      expected = np.concatenate(
-          [videos[multi_ids[:, k], k * clip_len:(k + 1) * clip_len] for k in range(NUM_CLIPS)],
-          axis=1)
-      report[name]["content_exact"] = bool(np.array_equal(frames, expected))
+      for exchange, (multi, multi_ids) in by_exchange.items():
+        frames = np.asarray(augment.denormalize_to_uint8(multi))
+        clip_len = NUM_FRAMES // NUM_CLIPS
+        expected = np.concatenate(
+            [videos[multi_ids[:, k], k * clip_len:(k + 1) * clip_len]
+             for k in range(NUM_CLIPS)], axis=1)
+        report[f"{name}/{exchange}"]["content_exact"] = bool(np.array_equal(frames, expected))
   try:
     montage.video_montage(random_videos[:6], jax.random.key(0), mesh=four_devices,
                           num_clips=NUM_CLIPS, aug_config=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import itertools
 import math
 import random
 
@@ -203,12 +204,12 @@ def test_hue_matches_colorsys(shift):
 
 
 def test_color_jitter_follows_order():
+  # Every one of the 24 orders against the four ops applied one after another.
   images = jnp.asarray(random_images(3))
   factors = dict(brightness=1.3, contrast=0.7, saturation=1.35, hue=0.08)
   ops = [lambda x: augment.adjust_brightness(x, 1.3), lambda x: augment.adjust_contrast(x, 0.7),
          lambda x: augment.adjust_saturation(x, 1.35), lambda x: augment.adjust_hue(x, 0.08)]
-
-  orders = [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)]
+  orders = list(itertools.permutations(range(4)))
 
   @jax.jit
   def one_after_another(x):
@@ -223,7 +224,19 @@ def test_color_jitter_follows_order():
   jittered = jax.jit(jax.vmap(lambda order: augment.color_jitter(images, order=order, **factors)))
   outputs = np.asarray(jittered(jnp.asarray(orders)))
   np.testing.assert_allclose(outputs, np.asarray(one_after_another(images)), atol=1e-5)
-  assert not np.allclose(outputs[0], outputs[1], atol=1e-3)  # the order matters here
+  assert not np.allclose(outputs[0], outputs[-1], atol=1e-3)  # the order matters here
+
+
+def test_hue_shift_matches_torchvision_hsv_round_trip():
+  # The one-pass hue rotation against the sector-by-sector HSV formulas it replaces.
+  images = random_images(10, (4, 9, 9, 3))
+  images[0, 0, :3] = [[0.3, 0.3, 0.3], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]  # grey, pure, black
+  for shift in (-0.5, -0.1, 0.0, 0.27, 0.5):
+    hsv = np.array(augment.rgb_to_hsv(jnp.asarray(images)))
+    hsv[..., 0] = np.mod(hsv[..., 0] + shift, 1.0)
+    expected = np.asarray(augment.hsv_to_rgb(jnp.asarray(hsv)))
+    np.testing.assert_allclose(np.asarray(augment.adjust_hue(images, shift)), expected,
+                               atol=2e-6)
 
 
 # --- Blur and normalisation -------------------------------------------------------------
@@ -306,6 +319,35 @@ def test_augment_clip_matches_sample_then_apply_and_dtype():
   params = augment.sample_augment_params(key, config, (16, 16), 8)
   expected = jax.jit(augment.apply_augment, static_argnums=2)(params, clip, "bfloat16")
   np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_augment_clips_batch_equals_clip_by_clip():
+  clips = jnp.asarray(random_clip(11, (6, 2, 16, 16, 3)))
+  keys = jax.random.split(jax.random.key(12), 6)
+  config = aug_config()
+  params = jax.vmap(lambda k: augment.sample_augment_params(k, config, (16, 16), 12))(keys)
+  # Force every op on for half of the clips, off for the others.
+  on = jnp.arange(6) % 2 == 0
+  params = with_fields(params, jitter=on, grayscale=~on, blur=on, flip=on)
+  batched = np.asarray(jax.jit(augment.augment_clips)(params, clips))
+  apply = jax.jit(augment.apply_augment)
+  for index in range(6):
+    single = jax.tree.map(lambda leaf: leaf[index], params)
+    np.testing.assert_allclose(batched[index], np.asarray(apply(single, clips[index])),
+                               atol=1e-5)
+  with pytest.raises(ValueError, match="clips"):
+    augment.augment_clips(params, clips[0])
+
+
+def test_bfloat16_output_uses_default_precision_close_to_float32():
+  clip = jnp.asarray(random_clip(13, (2, 16, 16, 3)))
+  params = augment.sample_augment_params(jax.random.key(14), aug_config(), (16, 16), 12)
+  assert augment.matmul_precision(jnp.float32) == jax.lax.Precision.HIGHEST
+  assert augment.matmul_precision("bfloat16") == jax.lax.Precision.DEFAULT
+  full = np.asarray(jax.jit(augment.apply_augment)(params, clip))
+  half = np.asarray(jax.jit(augment.apply_augment, static_argnums=2)(params, clip, "bfloat16"))
+  # bf16 keeps 8 significant bits: |x| < 3 after normalisation -> error < 3 * 2^-8.
+  np.testing.assert_allclose(half.astype(np.float32), full, atol=3 * 2.0**-8)
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -60,6 +60,54 @@ def test_video_conv_matches_3d_convolution(kernel_size, stride):
                              rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("in_features, height, width", [(3, 10, 9), (3, 9, 12), (2, 7, 7)])
+def test_few_channel_strided_conv_values_and_gradients_match_3d_convolution(
+    in_features, height, width):
+  # The stem path: (1,7,7) stride 2 over <= 4 channels trains through space-to-depth.
+  conv = layers.VideoConv(in_features, 6, (1, 7, 7), stride=2, rngs=nnx.Rngs(0))
+  assert in_features <= layers.SPACE_TO_DEPTH_MAX_CHANNELS
+  rng = np.random.default_rng(2)
+  videos = jnp.asarray(rng.normal(size=(2, 3, height, width, in_features)), jnp.float32)
+
+  def reference(kernel, videos):
+    return jax.lax.conv_general_dilated(
+        videos, kernel, window_strides=(1, 2, 2), padding=((0, 0), (3, 3), (3, 3)),
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=jax.lax.Precision.HIGHEST)
+
+  kernel = conv.kernel[...]
+  expected = reference(kernel, videos)
+  np.testing.assert_allclose(np.asarray(conv(videos)), np.asarray(expected), rtol=1e-4,
+                             atol=1e-4)
+  cotangent = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+
+  graphdef, state = nnx.split(conv)
+
+  def ours(kernel, videos):
+    new_state = jax.tree.map(lambda _: kernel, state)  # the kernel is the only leaf
+    return nnx.merge(graphdef, new_state)(videos)
+
+  # Under differentiation the space-to-depth forward pass and its custom backward run.
+  outputs, vjp = jax.vjp(ours, kernel, videos)
+  expected_outputs, expected_vjp = jax.vjp(reference, kernel, videos)
+  np.testing.assert_allclose(np.asarray(outputs), np.asarray(expected_outputs), rtol=1e-4,
+                             atol=1e-4)
+  for grad, expected_grad in zip(vjp(cotangent), expected_vjp(cotangent)):
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("height, width, kernel, stride", [
+    (9, 12, 7, 2), (10, 9, 7, 2), (8, 8, 3, 2), (11, 7, 5, 3)])
+def test_space_to_depth_conv_equals_strided_conv(height, width, kernel, stride):
+  # The CPU training forward pass, called directly (platform_dependent picks it on CPU).
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(layers._conv2d_space_to_depth(x, weights, stride)),
+                             np.asarray(layers._conv2d(x, weights, stride)), rtol=1e-5,
+                             atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel_size", [(3, 3, 3), (3, 1, 3), (1, 2, 2), (2, 1, 1)])
 def test_video_conv_rejects_unsupported_kernels(kernel_size):
   with pytest.raises(ValueError, match="kernel"):
@@ -216,3 +264,43 @@ def test_every_parameter_gets_a_gradient(videos, tiny_backbones):
   for path, grad in leaves:
     grad = np.asarray(grad)
     assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0, jax.tree_util.keystr(path)
+
+
+# --- Max-pool with its custom gradient ------------------------------------------------
+
+def reduce_window_max_pool(x, window=3, stride=2):
+  """The reference: XLA's reduce_window max, differentiated by JAX."""
+  pad = window // 2
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, window, window, 1),
+                               (1, 1, stride, stride, 1),
+                               ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+@pytest.mark.parametrize("shape, window, stride", [
+    ((2, 3, 9, 8, 4), 3, 2), ((1, 2, 8, 7, 3), 3, 2), ((1, 2, 7, 7, 2), 3, 1),
+    ((1, 1, 10, 9, 2), 5, 3), ((1, 1, 5, 6, 2), 1, 2)])
+def test_max_pool_values_and_gradient_match_reduce_window(shape, window, stride):
+  # Distinct values (a shuffled ramp): no ties, so the gradient is unique.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.permutation(np.prod(shape)).reshape(shape).astype(np.float32) / 7.0)
+  pooled = layers.max_pool_spatial(x, window, stride)
+  expected = reduce_window_max_pool(x, window, stride)
+  np.testing.assert_array_equal(np.asarray(pooled), np.asarray(expected))
+  cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
+  grad = jax.grad(lambda v: jnp.sum(layers.max_pool_spatial(v, window, stride) * cotangent))
+  grad_reference = jax.grad(lambda v: jnp.sum(reduce_window_max_pool(v, window, stride)
+                                              * cotangent))
+  np.testing.assert_allclose(np.asarray(jax.jit(grad)(x)), np.asarray(grad_reference(x)),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_on_ties_goes_to_first_maximum_once():
+  # All-equal input: each output's gradient lands on the first (top-left) input of its
+  # window, exactly once, as with reduce_window's select-and-scatter.
+  x = jnp.zeros((1, 1, 4, 4, 1))
+  grad = np.asarray(jax.grad(lambda v: jnp.sum(layers.max_pool_spatial(v)))(x))[0, 0, :, :, 0]
+  reference = np.asarray(jax.grad(lambda v: jnp.sum(reduce_window_max_pool(v)))(x))[0, 0, :, :, 0]
+  np.testing.assert_array_equal(grad, reference)
+  assert grad.sum() == 4  # 2x2 outputs, each gradient 1, none lost or duplicated
+  with pytest.raises(ValueError, match="window"):
+    layers.max_pool_spatial(x, window=0)

@@ -219,7 +219,7 @@ def test_bad_settings_raise_clear_errors():
     montage.make_montage_fn(config, MESH)
 
 
-def test_one_and_four_devices_give_identical_montages():
+def test_one_and_four_devices_and_both_exchanges_agree():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -227,13 +227,103 @@ def test_one_and_four_devices_give_identical_montages():
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
+  clip_bytes = 2 * 16 * 16 * 3  # L=2 frames of 16x16 RGB uint8 (8 videos x 8 frames, s=4)
+  num_devices, clips_per_device = 4, 8
+  capacity_1, capacity_2 = montage.exchange_capacities(clips_per_device, num_devices)
   for name in ("C-A-S/aug", "C-A-S/noaug"):
-    case = report[name]
-    assert case["ids_equal"] and case["videos_equal"], (name, case["max_abs_diff"])
-    assert case["num_shards"] == 4 and case["spec"] == "P('data',)"
-    assert len(case["shard_shapes"]) == 1 and case["shard_shapes"][0][0] == 2  # 8 videos / 4
-    source_ids = np.asarray(case["source_ids"])
-    assert all(len(set(row)) == 4 for row in source_ids.tolist())
-    np.testing.assert_array_equal(np.sort(source_ids.reshape(-1)), np.repeat(np.arange(8), 4))
-  assert report["C-A-S/noaug"]["content_exact"]
+    for exchange in ("all_to_all", "all_gather"):
+      case = report[f"{name}/{exchange}"]
+      # 4 devices vs 1: the same assignment, pixels equal to float rounding (exactly
+      # equal without augmentation).
+      assert case["ids_equal"], (name, exchange)
+      assert case["max_abs_diff"] <= 1e-5, (name, exchange, case["max_abs_diff"])
+      if name.endswith("noaug"):
+        assert case["videos_equal"] and case["content_exact"], (name, exchange)
+      assert case["num_shards"] == 4 and case["spec"] == "P('data',)"
+      assert len(case["shard_shapes"]) == 1 and case["shard_shapes"][0][0] == 2  # 8 / 4
+      source_ids = np.asarray(case["source_ids"])
+      assert all(len(set(row)) == 4 for row in source_ids.tolist())
+      np.testing.assert_array_equal(np.sort(source_ids.reshape(-1)), np.repeat(np.arange(8), 4))
+      # Bytes each device receives per step, from the compiled HLO.
+      collectives = case["collectives"]
+      if exchange == "all_gather":
+        assert collectives == {"all-gather": {
+            "count": 1, "bytes": num_devices * clips_per_device * clip_bytes}}
+      else:  # what 'auto' picks here: 2 + 5 < 8 clips per (sender, receiver)
+        assert montage.choose_exchange("auto", clips_per_device, num_devices) == exchange
+        assert collectives == {"all-to-all": {
+            "count": 2, "bytes": num_devices * (capacity_1 + capacity_2) * clip_bytes}}
+    # Same devices, either exchange: the same clips reach the same program, bit for bit.
+    both = report[f"{name}/all_to_all_vs_all_gather"]
+    assert both["ids_equal"] and both["videos_equal"], (name, both["max_abs_diff"])
   assert "config.batch_size=6" in report["indivisible_batch_error"]
+
+
+# --- The all_to_all exchange plan (simulated in NumPy) ------------------------------------
+
+
+def simulate_exchange(plan: montage.ExchangePlan, num_devices: int,
+                      clips_per_device: int) -> np.ndarray:
+  """Moves global clip ids through the two all_to_all rounds; (D, M) ids per slot."""
+  send_1, send_2, final = (np.asarray(table) for table in (plan.send_1, plan.send_2,
+                                                            plan.final))
+  empty = -1
+  held = np.arange(num_devices * clips_per_device).reshape(num_devices, clips_per_device)
+  # Round 1: device d's chunk for device i; device i receives them source-major.
+  chunks = np.where(send_1 < clips_per_device,
+                    np.take_along_axis(held[:, None, :],
+                                       np.minimum(send_1, clips_per_device - 1), axis=2),
+                    empty)  # (sender d, receiver i, C1)
+  received_1 = chunks.transpose(1, 0, 2).reshape(num_devices, -1)  # (i, D * C1)
+  size_1 = received_1.shape[1]
+  chunks = np.where(send_2 < size_1,
+                    np.take_along_axis(received_1[:, None, :], np.minimum(send_2, size_1 - 1),
+                                       axis=2), empty)  # (relay i, destination e, C2)
+  received_2 = chunks.transpose(1, 0, 2).reshape(num_devices, -1)  # (e, D * C2)
+  return np.take_along_axis(received_2, final, axis=1)
+
+
+def pair_counts(gather_rows: np.ndarray, num_devices: int) -> np.ndarray:
+  """(D, D) clips device d sends to device e, counted directly."""
+  per_device = gather_rows.size // num_devices
+  counts = np.zeros((num_devices, num_devices), int)
+  for slot, clip in enumerate(gather_rows.reshape(-1)):
+    counts[clip // per_device, slot // per_device] += 1
+  return counts
+
+
+@pytest.mark.parametrize("num_videos,num_clips,num_devices", [
+    (8, 4, 4), (8, 4, 1), (8, 4, 2), (8, 4, 8), (12, 4, 3), (6, 4, 2), (3, 4, 3), (32, 4, 8),
+    (16, 3, 4), (5, 1, 5)])
+def test_exchange_plan_delivers_every_clip_to_its_slot(num_videos, num_clips, num_devices):
+  keys = jax.random.split(jax.random.key(num_videos * 100 + num_devices), 20)
+  plan_fn = jax.jit(lambda rows: montage.exchange_plan(rows, num_devices))
+  clips_per_device = num_videos * num_clips // num_devices
+  capacity_1, capacity_2 = montage.exchange_capacities(clips_per_device, num_devices)
+  assignments = [montage.identity_assignment(num_videos, num_clips)]  # all clips stay home
+  assignments += [montage.montage_assignment(key, num_videos, num_clips) for key in keys]
+  max_pair = 0
+  for sources, clips in assignments:
+    gather_rows = np.asarray(sources * num_clips + clips)
+    plan = plan_fn(jnp.asarray(gather_rows))
+    assert plan.send_1.shape == (num_devices, num_devices, capacity_1)
+    assert plan.send_2.shape == (num_devices, num_devices, capacity_2)
+    assert plan.final.shape == (num_devices, clips_per_device)
+    delivered = simulate_exchange(plan, num_devices, clips_per_device)
+    np.testing.assert_array_equal(delivered.reshape(-1), gather_rows.reshape(-1))
+    max_pair = max(max_pair, pair_counts(gather_rows, num_devices).max())
+  # Round 1 sends exactly ceil(M / D) per pair, whatever the (uneven) direct counts.
+  assert capacity_1 == -(-clips_per_device // num_devices)
+  assert max_pair >= clips_per_device // num_devices
+
+
+def test_exchange_capacities_and_auto_choice():
+  assert montage.exchange_capacities(128, 8) == (16, 23)  # 8 GPUs x 32 videos x s=4
+  assert montage.exchange_capacities(8, 4) == (2, 5)
+  assert montage.exchange_capacities(4, 4) == (1, 4)  # never above M
+  assert montage.choose_exchange("auto", 128, 8) == "all_to_all"  # 39 < 128 clips
+  assert montage.choose_exchange("auto", 4, 4) == "all_gather"  # 1 + 4 >= 4
+  assert montage.choose_exchange("auto", 64, 1) == "all_gather"  # one device: local
+  assert montage.choose_exchange("all_to_all", 4, 4) == "all_to_all"
+  with pytest.raises(ValueError, match="exchange='ring'"):
+    montage.choose_exchange("ring", 8, 4)
