@@ -192,9 +192,10 @@ def run_scaling(argv: Sequence[str], device_counts: Sequence[int], per_device_ba
               "videos_per_s_per_device": child["videos_per_s_per_device"],
               "montage_time_s": child["montage_time_s"],
               "montage_share": child["montage_share"],
-              # Bytes each device receives from the montage's all-gather (per step).
-              "montage_gather_bytes_per_device":
-                  montage_collectives.get("all-gather", {}).get("bytes"),
+              # Bytes each device receives from the montage's clip exchange (per step),
+              # whichever collectives it uses (all-gather or all-to-all rounds).
+              "montage_exchange_bytes_per_device":
+                  sum(v["bytes"] for v in montage_collectives.values()),
               "step_collective_bytes_per_device":
                   sum(v["bytes"] for v in step_collectives.values()),
           })
@@ -263,18 +264,18 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append("scaling (simulated CPU devices, fixed per-device batch)")
     lines.append(f"{'devices':>7} {'batch':>5} {'step ms':>9} {'videos/s':>9} "
-                 f"{'v/s/dev':>8} {'montage ms':>10} {'share':>6} {'gather MiB/dev':>14}")
+                 f"{'v/s/dev':>8} {'montage ms':>10} {'share':>6} {'exchange MiB/dev':>16}")
     for entry in results["scaling"]:
       if "error" in entry:
         lines.append(f"{entry['num_devices']:>7} {entry['global_batch']:>5}  failed")
         continue
-      gather = entry["montage_gather_bytes_per_device"]
+      exchange = entry["montage_exchange_bytes_per_device"]
       lines.append(
           f"{entry['num_devices']:>7} {entry['global_batch']:>5} "
           f"{entry['step_time_s'] * 1e3:>9.1f} {entry['videos_per_s']:>9.2f} "
           f"{entry['videos_per_s_per_device']:>8.2f} {entry['montage_time_s'] * 1e3:>10.1f} "
           f"{entry['montage_share']:>6.3f} "
-          f"{(gather or 0) / 2**20:>14.2f}")
+          f"{(exchange or 0) / 2**20:>16.2f}")
   return "\n".join(lines)
 
 
@@ -459,7 +460,7 @@ def main(argv: Sequence[str]) -> int:
     if max(counts) > (os.cpu_count() or 1):
       notes.append(f"Scaling: {max(counts)} simulated devices share {os.cpu_count()} CPU "
                    f"cores, so videos/s per device mostly shows compute sharing; the "
-                   f"montage's gather bytes per device are exact.")
+                   f"montage's exchange bytes per device are exact.")
 
   interleaved = None
   if _INTERLEAVE.value:

@@ -107,7 +107,7 @@ def test_benchmark_script_writes_complete_json(tmp_path):
   assert entry["videos_per_s"] == pytest.approx(4 / entry["step_time_s"])
   assert entry["videos_per_s_per_device"] == pytest.approx(entry["videos_per_s"] / 2)
   video_bytes = 8 * 40 * 40 * 3  # one uint8 source video
-  assert 0 < entry["montage_gather_bytes_per_device"] <= 4 * video_bytes
+  assert 0 < entry["montage_exchange_bytes_per_device"] <= 4 * video_bytes
   assert entry["step_collective_bytes_per_device"] > 0  # gradient all-reduce at least
 
 
