@@ -11,21 +11,13 @@ import pytest
 
 from configs import pretrain
 from tcvm_jax.config_validation import ConfigError, validate_config
-from train_test_utils import REPO_ROOT, subprocess_env
+from train_test_utils import REPO_ROOT, set_field, subprocess_env
 
 
 def _config(preset: str = "demo"):
   config = pretrain.get_config(preset)
   config.data.name = "random"  # no files needed unless a test is about paths
   return config
-
-
-def _set(config, dotted: str, value) -> None:
-  node = config
-  *parents, leaf = dotted.split(".")
-  for parent in parents:
-    node = node[parent]
-  node[leaf] = value
 
 
 @pytest.mark.parametrize("preset", ["", "tsm50", "demo"])
@@ -61,7 +53,7 @@ def test_presets_are_valid(preset):
 ])
 def test_bad_value_names_the_field_and_range(field, value, message):
   config = _config()
-  _set(config, field, value)
+  set_field(config, field, value)
   with pytest.raises(ConfigError, match=message):
     validate_config(config, num_devices=1, check_model=False)
 

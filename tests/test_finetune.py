@@ -22,6 +22,7 @@ from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import retrieval
 from tcvm_jax.data import synthetic
 from tcvm_jax.model import build_model
+from train_test_utils import set_field
 
 TINY_DATA_DIR = os.path.join(tempfile.gettempdir(), "tcvm_jax_test_data", "synthetic_tiny")
 
@@ -50,11 +51,7 @@ def demo_config(**overrides):
   config.data.synthetic_dir = TINY_DATA_DIR
   config.data.synthetic_params = synthetic.TINY_PARAMS
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+    set_field(config, key, value)
   return config
 
 

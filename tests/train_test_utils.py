@@ -44,12 +44,17 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 10
   config.eval_retrieval = ""
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+    set_field(config, key, value)
   return config
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """Sets a nested config field by its dotted name, e.g. `data.num_frames`."""
+  node = config
+  *parents, leaf = dotted.split(".")
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
 
 
 def free_port() -> int:
