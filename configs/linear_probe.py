@@ -26,6 +26,8 @@ protocol. The paper reports no linear-probe numbers; use it to compare checkpoin
 
 import ml_collections
 
+from tcvm_jax.data import synthetic
+
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -83,8 +85,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   elif preset == "demo":
     data.name = "synthetic"
     # The pretraining demo's dataset (configs/pretrain.py:demo), so the same files are used.
-    data.synthetic_params = ml_collections.ConfigDict(dict(
-        num_train=1000, num_test=300, height=128, width=160, min_frames=32, max_frames=48))
+    data.synthetic_params = ml_collections.ConfigDict(synthetic.demo_size_overrides())
     data.input_size = 64
     eval_config.output_size = 56
     config.num_classes = -1           # from the generated label_map.txt (12 motions).

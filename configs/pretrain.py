@@ -23,6 +23,8 @@ Any field can be overridden, e.g. `--config.batch_size=64 --config.num_train_ste
 
 import ml_collections
 
+from tcvm_jax.data import synthetic
+
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -109,8 +111,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     data.name = "synthetic"
     # SyntheticParams of tcvm_jax/data/synthetic.py: 1000 train / 300 test videos of
     # 32-48 frames at 128x160, generated in about a minute on 2 cores.
-    data.synthetic_params = ml_collections.ConfigDict(dict(
-        num_train=1000, num_test=300, height=128, width=160, min_frames=32, max_frames=48))
+    data.synthetic_params = ml_collections.ConfigDict(synthetic.demo_size_overrides())
     data.num_frames = 16
     data.frame_stride = 2
     data.input_size = 64

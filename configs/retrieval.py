@@ -35,6 +35,8 @@ architecture as a second row.
 
 import ml_collections
 
+from tcvm_jax.data import synthetic
+
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -91,8 +93,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # The pretraining demo's data and encoder (configs/pretrain.py:demo).
     data.name = "synthetic"
     # The pretraining demo's dataset (configs/pretrain.py:demo), so the same files are used.
-    data.synthetic_params = ml_collections.ConfigDict(dict(
-        num_train=1000, num_test=300, height=128, width=160, min_frames=32, max_frames=48))
+    data.synthetic_params = ml_collections.ConfigDict(synthetic.demo_size_overrides())
     data.num_frames = 16
     data.input_size = 64
     eval_config.output_size = 56

@@ -113,6 +113,19 @@ class SyntheticParams:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+DEMO_SIZE_FIELDS = ("num_train", "num_test", "height", "width", "min_frames", "max_frames")
+
+
+def demo_size_overrides() -> dict[str, int]:
+  """The default dataset's size, as the demo configs expose it (overridable by flag).
+
+  Every demo config (pretraining, retrieval, fine-tuning, linear probe) takes it from here,
+  so they all name the same files and never regenerate each other's dataset.
+  """
+  defaults = SyntheticParams()
+  return {name: getattr(defaults, name) for name in DEMO_SIZE_FIELDS}
+
+
 # A few seconds of work: 40 train / 20 test videos of 16-24 frames at 64x80.
 TINY_PARAMS = dict(num_train=40, num_test=20, height=64, width=80, min_frames=16,
                    max_frames=24, num_train_shards=4, num_test_shards=2)
