@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +108,22 @@ def test_space_to_depth_conv_equals_strided_conv(height, width, kernel, stride):
   np.testing.assert_allclose(np.asarray(layers._conv2d_space_to_depth(x, weights, stride)),
                              np.asarray(layers._conv2d(x, weights, stride)), rtol=1e-5,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width, kernel, stride", [(9, 12, 7, 2), (11, 7, 5, 3)])
+def test_space_to_depth_conv_gradients_equal_strided_conv_gradients(height, width, kernel,
+                                                                    stride):
+  # The CUDA backward pass (the space-to-depth graph's VJP), called directly: this machine
+  # has no GPU, so platform_dependent never picks it here.
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+  plain_out, plain_vjp = jax.vjp(functools.partial(layers._conv2d, stride=stride), x, weights)
+  cotangent = jnp.asarray(rng.normal(size=plain_out.shape), jnp.float32)
+  _, blocks_vjp = jax.vjp(functools.partial(layers._conv2d_space_to_depth, stride=stride),
+                          x, weights)
+  for ours, expected in zip(blocks_vjp(cotangent), plain_vjp(cotangent)):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernel_size", [(3, 3, 3), (3, 1, 3), (1, 2, 2), (2, 1, 1)])

@@ -1,0 +1,263 @@
+r"""Summarises a jax.profiler trace of the pretraining step by phase and op category.
+
+  python benchmarks/trace_summary.py TRACE.json.gz HLO.txt.gz [--steps=3] [--top=40]
+
+TRACE is the `perfetto_trace.json.gz` that `jax.profiler` writes (benchmarks/
+profile_step.py copies it to DIR/trace.json.gz), HLO the compiled program's text. Each
+device op in the trace is matched, by its `hlo_op` name, to its instruction in the HLO:
+  category  convolution (cuDNN or XLA), matmul (cuBLAS, Triton or XLA dot), reduction,
+            elementwise, copy/transpose, collective, other;
+  phase     montage (inside the montage's shard_map), backward (transpose of the JVP),
+            forward (the model, loss and heads), other (optimizer, metrics), or
+            "no metadata" (ops XLA made without op_name, e.g. weight-gradient convs),
+read off the instruction (for a fusion, off the ops in its fused computation) and its
+`op_name` metadata. Pure Python: runs anywhere, on files fetched from a GPU machine too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+from typing import Any
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_SOURCE = re.compile(r'source_file="([^"]*)"\s+source_line=(\d+)')
+COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter",
+               "collective-permute", "ragged-all-to-all")
+CATEGORIES = ("convolution", "matmul", "reduction", "elementwise", "copy/transpose",
+              "collective", "other")
+PHASES = ("montage", "forward", "backward", "other", "no metadata")
+
+
+def _open_text(path: str) -> str:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    return f.read()
+
+
+def _split_shape_and_op(rest: str) -> tuple[str, str]:
+  """'f32[2]{0} add(%a, %b), ...' -> (shape, 'add'); tuple shapes are parenthesised."""
+  if rest.startswith("("):
+    depth = 0
+    for index, char in enumerate(rest):
+      depth += char == "("
+      depth -= char == ")"
+      if depth == 0:
+        shape, rest = rest[:index + 1], rest[index + 1:].lstrip()
+        break
+    else:
+      return rest, ""
+  else:
+    shape, _, rest = rest.partition(" ")
+  match = re.match(r"([\w\-$]+)\(", rest)
+  return shape, match.group(1) if match else ""
+
+
+def parse_hlo(text: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+  """Instructions by name ({opcode, shape, op_name, calls, target, source}) and each
+  computation's opcodes."""
+  instructions: dict[str, dict[str, Any]] = {}
+  computations: dict[str, list[str]] = collections.defaultdict(list)
+  current = None
+  for line in text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match and " = " in line:
+      name, rest = match.groups()
+      shape, opcode = _split_shape_and_op(rest)
+      op_name = _OP_NAME.search(rest)
+      calls = _CALLS.search(rest)
+      target = _CUSTOM_TARGET.search(rest)
+      source = _SOURCE.search(rest)
+      instructions[name] = {
+          "opcode": opcode, "shape": shape[:120],
+          "op_name": op_name.group(1) if op_name else "",
+          "calls": calls.group(1) if calls else None,
+          "target": target.group(1) if target else None,
+          "source": f"{source.group(1).split('/')[-1]}:{source.group(2)}" if source else "",
+          "triton_gemm": "__triton_gemm" in rest or '"kind":"__triton' in rest,
+          "cudnn": "__cudnn" in rest,
+      }
+      if current is not None:
+        computations[current].append(opcode)
+      continue
+    match = _COMPUTATION.match(line)
+    if match and "=" not in line.split("{")[0]:
+      current = match.group(1)
+  return instructions, computations
+
+
+def categorize(info: dict[str, Any] | None, computations: dict[str, list[str]]) -> str:
+  if info is None:
+    return "other"
+  opcode = info["opcode"]
+  target = (info["target"] or "").lower()
+  if opcode in COLLECTIVES or any(opcode.startswith(c) for c in COLLECTIVES):
+    return "collective"
+  if opcode == "convolution" or "conv" in target:
+    return "convolution"
+  if opcode == "dot" or "gemm" in target or "matmul" in target or info["triton_gemm"]:
+    return "matmul"
+  if opcode in ("copy", "transpose", "copy-start", "copy-done"):
+    return "copy/transpose"
+  if opcode == "fusion":
+    ops = computations.get(info["calls"] or "", [])
+    if "convolution" in ops or (info["cudnn"] and "dot" not in ops):
+      return "convolution"
+    if "dot" in ops:
+      return "matmul"
+    if any(c in ops for c in ("reduce", "reduce-window", "select-and-scatter")):
+      return "reduction"
+    payload = [op for op in ops if op not in ("parameter", "bitcast", "constant", "tuple",
+                                              "get-tuple-element")]
+    if payload and all(op in ("copy", "transpose", "reshape", "slice", "concatenate",
+                              "dynamic-slice", "dynamic-update-slice", "pad")
+                       for op in payload):
+      return "copy/transpose"
+    return "elementwise"
+  if opcode in ("reduce", "reduce-window", "select-and-scatter"):
+    return "reduction"
+  return "other"
+
+
+def _library_kind(kernel_name: str) -> str:
+  """Category of a cuDNN / cuBLAS kernel, from its name (inside a command buffer)."""
+  lowered = kernel_name.lower()
+  if any(k in lowered for k in ("fprop", "dgrad", "wgrad", "conv", "implicit_gemm")):
+    return "convolution"
+  if any(k in lowered for k in ("gemm", "nvjet", "cutlass", "cublas", "xmma")):
+    return "matmul"
+  if "memcpy" in lowered or "memset" in lowered:
+    return "copy/transpose"
+  return "other"
+
+
+def phase_of(op_name: str) -> str:
+  if not op_name:
+    return "no metadata"  # e.g. weight-gradient convolutions XLA created
+  if "shard_map" in op_name or "montage" in op_name:
+    return "montage"
+  if "transpose(" in op_name:
+    return "backward"
+  if "jvp(" in op_name:
+    return "forward"
+  return "other"  # optimizer update, metrics
+
+
+def device_op_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
+  """Complete events of device ops: GPU stream events where the trace has a device
+  process, else (CPU) every event that names an HLO op."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  process_names, thread_names = {}, {}
+  for event in events:
+    if event.get("ph") == "M" and event.get("name") == "process_name":
+      process_names[event["pid"]] = event["args"]["name"]
+    if event.get("ph") == "M" and event.get("name") == "thread_name":
+      thread_names[(event["pid"], event.get("tid"))] = event["args"]["name"]
+  device_pids = {pid for pid, name in process_names.items()
+                 if name.startswith("/device:") and "CPU" not in name}
+  op_events = [event for event in events
+               if event.get("ph") == "X" and "hlo_op" in event.get("args", {})
+               and not str(event.get("name", "")).startswith("end: ")]
+  if not device_pids:
+    return op_events
+  on_device = [event for event in op_events if event["pid"] in device_pids]
+  on_streams = [event for event in on_device
+                if thread_names.get((event["pid"], event.get("tid")), "").startswith("Stream")]
+  return on_streams or on_device
+
+
+def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
+              ) -> dict[str, Any]:
+  """Device time per step by phase x category, and the `top` ops by time."""
+  with gzip.open(trace_path, "rt") as f:
+    trace = json.load(f)
+  instructions, computations = parse_hlo(_open_text(hlo_path))
+  events = device_op_events(trace)
+  # Inside a command buffer (a CUDA graph) every kernel reports the buffer as its hlo_op;
+  # XLA's own kernels are named after their instruction ('.' and '-' made '_').
+  by_kernel_name = {re.sub(r"[.\-]", "_", name): name for name in instructions}
+  per_op: dict[str, dict[str, Any]] = {}
+  for event in events:
+    name = event["args"]["hlo_op"]
+    if name not in instructions or instructions[name]["opcode"] == "command-buffer":
+      kernel = str(event.get("name", ""))
+      name = by_kernel_name.get(kernel, f"[library kernel] {_library_kind(kernel)}")
+    entry = per_op.setdefault(name, {"time_us": 0.0, "count": 0, "kernels": set()})
+    entry["time_us"] += float(event.get("dur", 0.0))
+    entry["count"] += 1
+    entry["kernels"].add(str(event.get("name", ""))[:80])
+  table = collections.defaultdict(float)
+  unmatched = 0.0
+  rows = []
+  for name, entry in per_op.items():
+    info = instructions.get(name)
+    if info is None:
+      unmatched += entry["time_us"]
+    category = categorize(info, computations)
+    if name.startswith("[library kernel] "):
+      category = name.split("] ")[1]
+    phase = phase_of(info["op_name"]) if info else "no metadata"
+    table[(phase, category)] += entry["time_us"]
+    rows.append({"op": name, "ms_per_step": entry["time_us"] / 1e3 / num_steps,
+                 "launches_per_step": entry["count"] / num_steps, "category": category,
+                 "phase": phase, "shape": info["shape"] if info else "",
+                 "op_name": (info["op_name"][-110:] if info else ""),
+                 "source": info["source"] if info else "",
+                 "kernels": sorted(entry["kernels"])[:3]})
+  rows.sort(key=lambda row: -row["ms_per_step"])
+  total_ms = sum(table.values()) / 1e3 / num_steps
+  by_phase = {phase: {category: table[(phase, category)] / 1e3 / num_steps
+                      for category in CATEGORIES if table[(phase, category)]}
+              for phase in PHASES}
+  return {"num_steps": num_steps, "device_ms_per_step": total_ms,
+          "launches_per_step": sum(e["count"] for e in per_op.values()) / num_steps,
+          "unmatched_ms_per_step": unmatched / 1e3 / num_steps,
+          "by_phase_ms": by_phase,
+          "by_category_ms": {c: sum(by_phase[p].get(c, 0.0) for p in PHASES)
+                             for c in CATEGORIES},
+          "top_ops": rows[:top]}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  lines = [f"device time per step: {summary['device_ms_per_step']:.2f} ms in "
+           f"{summary['launches_per_step']:.0f} op launches "
+           f"(unmatched to HLO: {summary['unmatched_ms_per_step']:.2f} ms)"]
+  if "step_time_s" in summary:
+    lines.append(f"wall step time (median): {summary['step_time_s'] * 1e3:.2f} ms")
+  header = f"{'phase':<16}" + "".join(f"{c[:12]:>13}" for c in CATEGORIES) + f"{'total':>10}"
+  lines.append(header)
+  for phase in PHASES:
+    values = summary["by_phase_ms"].get(phase, {})
+    lines.append(f"{phase:<16}" + "".join(f"{values.get(c, 0.0):13.2f}" for c in CATEGORIES)
+                 + f"{sum(values.values()):10.2f}")
+  lines.append(f"{'all':<16}" + "".join(f"{summary['by_category_ms'][c]:13.2f}"
+                                         for c in CATEGORIES)
+               + f"{sum(summary['by_category_ms'].values()):10.2f}")
+  lines.append("top ops (ms/step, launches, category, phase, source, shape, op_name):")
+  for row in summary["top_ops"]:
+    lines.append(f"  {row['ms_per_step']:7.3f} {row['launches_per_step']:4.0f} "
+                 f"{row['category'][:11]:<11} {row['phase'][:8]:<8} {row['source']:<22} "
+                 f"{row['shape'][:40]:<40} {row['op_name'][-70:]}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("trace")
+  parser.add_argument("hlo")
+  parser.add_argument("--steps", type=int, default=3, help="Steps in the trace.")
+  parser.add_argument("--top", type=int, default=40)
+  args = parser.parse_args(argv)
+  print(format_summary(summarize(args.trace, args.hlo, num_steps=args.steps, top=args.top)))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""benchmarks/trace_summary.py and benchmarks/profile_step.py: the profile of the step."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import trace_summary  # pylint: disable=g-import-not-at-top
+
+# A hand-written compiled program in XLA's text format: what each op is and where it came
+# from (op_name metadata) is all the summary reads.
+HLO_TEXT = """\
+HloModule jit_train_step, entry_computation_layout={()->()}
+
+%fused_conv (p0: bf16[8,4,4,3], p1: bf16[3,3,3,8]) -> bf16[8,4,4,8] {
+  %p0 = bf16[8,4,4,3]{3,2,1,0} parameter(0)
+  %p1 = bf16[3,3,3,8]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = bf16[8,4,4,8]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}, dim_labels=b01f_01io->b01f
+}
+
+%fused_reduce (p0: bf16[8,4,4,8]) -> f32[8] {
+  %p0 = bf16[8,4,4,8]{3,2,1,0} parameter(0)
+  %convert.1 = f32[8,4,4,8]{3,2,1,0} convert(%p0)
+  %c = f32[] constant(0)
+  ROOT %reduce.1 = f32[8]{0} reduce(%convert.1, %c), dimensions={0,1,2}, to_apply=%add
+}
+
+%fused_relu (p0: bf16[8,4,4,8]) -> bf16[8,4,4,8] {
+  %p0 = bf16[8,4,4,8]{3,2,1,0} parameter(0)
+  %z = bf16[] constant(0)
+  %b = bf16[8,4,4,8]{3,2,1,0} broadcast(%z), dimensions={}
+  ROOT %maximum.1 = bf16[8,4,4,8]{3,2,1,0} maximum(%p0, %b)
+}
+
+%fused_transpose (p0: f32[4,8]) -> f32[8,4] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %transpose.1 = f32[8,4]{1,0} transpose(%p0), dimensions={1,0}
+}
+
+%fused_dot (p0: bf16[128,8], p1: bf16[8,16]) -> bf16[128,16] {
+  %p0 = bf16[128,8]{1,0} parameter(0)
+  %p1 = bf16[8,16]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[128,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: bf16[8,4,4,3], k: bf16[3,3,3,8]) -> f32[8] {
+  %a = bf16[8,4,4,3]{3,2,1,0} parameter(0)
+  %k = bf16[3,3,3,8]{3,2,1,0} parameter(1)
+  %all-to-all.1 = bf16[8,4,4,3]{3,2,1,0} all-to-all(%a), dimensions={0}, metadata={op_name="jit(train_step)/jit(video_montage)/shard_map/all_to_all"}
+  %conv_fusion.1 = bf16[8,4,4,8]{3,2,1,0} fusion(%all-to-all.1, %k), kind=kCustom, calls=%fused_conv, metadata={op_name="jit(train_step)/jvp()/conv_general_dilated" source_file="/x/layers.py" source_line=61}
+  %cudnn-conv-bw-filter.2 = (bf16[3,3,3,8]{3,2,1,0}, u8[0]{0}) custom-call(%a, %conv_fusion.1), custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp())/conv_general_dilated"}
+  %input_reduce_fusion.3 = f32[8]{0} fusion(%conv_fusion.1), kind=kInput, calls=%fused_reduce, metadata={op_name="jit(train_step)/jvp()/reduce_sum"}
+  %loop_maximum_fusion.4 = bf16[8,4,4,8]{3,2,1,0} fusion(%conv_fusion.1), kind=kLoop, calls=%fused_relu, metadata={op_name="jit(train_step)/transpose(jvp())/max"}
+  %gemm_fusion.5 = bf16[128,16]{1,0} fusion(%loop_maximum_fusion.4, %k), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(train_step)/jvp(bthwc,cd->bthwd)/dot_general"}
+  %transpose_fusion.6 = f32[8,4]{1,0} fusion(%input_reduce_fusion.3), kind=kLoop, calls=%fused_transpose, metadata={op_name="jit(train_step)/sgd/transpose"}
+  %copy.7 = f32[8]{0} copy(%input_reduce_fusion.3)
+  ROOT %tuple.8 = (f32[8]{0}) tuple(%copy.7)
+}
+"""
+
+# (hlo_op reported by the profiler, kernel name, duration in us, expected phase, category).
+# Kernels inside a command buffer (a CUDA graph) all report the buffer as their hlo_op;
+# XLA's own kernels are named after their instruction with '.' and '-' made '_'.
+EVENTS = [
+    ("all-to-all.1", "ncclDevKernel_AllToAll", 40.0, "montage", "collective"),
+    ("conv_fusion.1", "sm90_xmma_fprop_implicit_gemm_bf16", 300.0, "forward", "convolution"),
+    ("cudnn-conv-bw-filter.2", "sm90_xmma_wgrad_implicit_gemm", 200.0, "backward",
+     "convolution"),
+    ("command_buffer_3", "input_reduce_fusion_3", 50.0, "forward", "reduction"),
+    ("command_buffer_3", "loop_maximum_fusion_4", 25.0, "backward", "elementwise"),
+    ("command_buffer_3", "gemm_fusion_5", 70.0, "forward", "matmul"),
+    ("command_buffer_3", "transpose_fusion_6", 5.0, "other", "copy/transpose"),
+    ("copy.7", "copy_7", 3.0, "no metadata", "copy/transpose"),
+    ("command_buffer_3", "nvjet_sm90_tst_128x128_64x6", 90.0, "no metadata", "matmul"),
+    ("command_buffer_3", "sm90_xmma_dgrad_implicit_gemm_bf16", 60.0, "no metadata",
+     "convolution"),
+]
+
+
+def _write_trace(path: str, events, num_steps: int) -> None:
+  trace_events = [
+      {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name",
+       "args": {"name": "Stream #7(Compute)"}},
+      {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
+      {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+  ]
+  time_us = 0.0
+  for _ in range(num_steps):
+    for hlo_op, kernel, duration, _, _ in events:
+      args = {"hlo_op": hlo_op, "hlo_module": "jit_train_step"}
+      trace_events.append({"ph": "X", "pid": 1, "tid": 7, "ts": time_us, "dur": duration,
+                           "name": kernel, "args": args})
+      # The same op on a derived line and a host-side launch must not be counted again.
+      trace_events.append({"ph": "X", "pid": 1, "tid": 9, "ts": time_us, "dur": duration,
+                           "name": hlo_op, "args": args})
+      trace_events.append({"ph": "X", "pid": 2, "tid": 1, "ts": time_us, "dur": 1.0,
+                           "name": "cuLaunchKernel", "args": args})
+      time_us += duration + 1.0
+  with gzip.open(path, "wt") as f:
+    json.dump({"displayTimeUnit": "ns", "traceEvents": trace_events}, f)
+
+
+def test_parse_hlo_reads_opcodes_metadata_and_fused_computations():
+  instructions, computations = trace_summary.parse_hlo(HLO_TEXT)
+  assert instructions["conv_fusion.1"]["opcode"] == "fusion"
+  assert instructions["conv_fusion.1"]["calls"] == "fused_conv"
+  assert instructions["conv_fusion.1"]["source"] == "layers.py:61"
+  assert instructions["cudnn-conv-bw-filter.2"]["target"] == "__cudnn$convBackwardFilter"
+  assert instructions["cudnn-conv-bw-filter.2"]["shape"].startswith("(bf16[3,3,3,8]")
+  assert instructions["all-to-all.1"]["op_name"].endswith("shard_map/all_to_all")
+  assert instructions["copy.7"]["op_name"] == ""
+  assert "reduce" in computations["fused_reduce"]
+  assert computations["fused_relu"] == ["parameter", "constant", "broadcast", "maximum"]
+
+
+def test_summary_attributes_each_kernel_to_its_phase_and_category(tmp_path):
+  num_steps = 2
+  trace_path, hlo_path = str(tmp_path / "trace.json.gz"), str(tmp_path / "hlo.txt")
+  _write_trace(trace_path, EVENTS, num_steps)
+  with open(hlo_path, "w") as f:
+    f.write(HLO_TEXT)
+  summary = trace_summary.summarize(trace_path, hlo_path, num_steps=num_steps)
+
+  expected: dict[tuple[str, str], float] = {}
+  for _, _, duration, phase, category in EVENTS:
+    expected[(phase, category)] = expected.get((phase, category), 0.0) + duration / 1e3
+  got = {(phase, category): ms for phase, values in summary["by_phase_ms"].items()
+         for category, ms in values.items()}
+  assert got.keys() == expected.keys()
+  for key, ms in expected.items():
+    assert got[key] == pytest.approx(ms), key
+  total_ms = sum(duration for *_, duration, _, _ in EVENTS) / 1e3
+  assert summary["device_ms_per_step"] == pytest.approx(total_ms)
+  assert summary["launches_per_step"] == len(EVENTS)
+  # Only the two library kernels inside the command buffer have no instruction.
+  assert summary["unmatched_ms_per_step"] == pytest.approx((90.0 + 60.0) / 1e3)
+  top = summary["top_ops"][0]
+  assert (top["op"], top["category"], top["phase"]) == ("conv_fusion.1", "convolution",
+                                                         "forward")
+  assert top["ms_per_step"] == pytest.approx(0.3)
+  text = trace_summary.format_summary(summary)
+  assert "montage" in text and "conv_fusion.1" not in text.splitlines()[0]
+
+
+def test_cpu_trace_without_a_device_process_counts_every_op_once(tmp_path):
+  trace_path, hlo_path = str(tmp_path / "trace.json.gz"), str(tmp_path / "hlo.txt")
+  with open(hlo_path, "w") as f:
+    f.write(HLO_TEXT)
+  events = [{"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/host:CPU"}}]
+  for index, name in enumerate(("conv_fusion.1", "input_reduce_fusion.3")):
+    events.append({"ph": "X", "pid": 3, "tid": index, "ts": 0.0, "dur": 100.0, "name": name,
+                   "args": {"hlo_op": name}})
+    events.append({"ph": "X", "pid": 3, "tid": index, "ts": 100.0, "dur": 0.5,
+                   "name": f"end: {name}", "args": {"hlo_op": name}})
+  with gzip.open(trace_path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  summary = trace_summary.summarize(trace_path, hlo_path, num_steps=1)
+  assert summary["device_ms_per_step"] == pytest.approx(0.2)
+  assert summary["by_phase_ms"]["forward"] == pytest.approx(
+      {"convolution": 0.1, "reduction": 0.1})
+
+
+@pytest.mark.slow
+def test_profile_step_traces_the_real_step_on_cpu(tmp_path):
+  out = tmp_path / "profile"
+  completed = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "profile_step.py"),
+       "--config=configs/pretrain.py:demo", "--batch_size=4", "--steps=1", "--time_steps=1",
+       f"--out={out}", "--set=data.num_frames=8", "--set=montage.output_size=32",
+       "--set=data.input_size=40"],
+      capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  with open(out / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["unmatched_ms_per_step"] == 0.0
+  assert summary["device_ms_per_step"] > 0
+  for phase in ("montage", "forward", "backward"):
+    assert sum(summary["by_phase_ms"][phase].values()) > 0, phase
+  assert summary["by_category_ms"]["convolution"] > 0
+  assert (out / "trace.json.gz").exists() and (out / "hlo.txt.gz").exists()
+  assert "step, back to back" in completed.stdout
