@@ -49,6 +49,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   montage.num_clips = 4             # s: clips per video / per pseudo-video.
   montage.variant = "C-A-S"         # Table 3d: 'C-A-S', 'A-C-S', 'C-S-A', 'C-A'.
   montage.output_size = 112         # frame size the backbone sees.
+  montage.group_devices = 0         # shuffle within groups of this many devices; 0: all
+                                    # (the paper). Bounds the clip exchange on many devices.
 
   # --- On-device augmentation (MoCo v2 recipe, per clip) ---------------------
   config.augment = aug = ml_collections.ConfigDict()

@@ -177,6 +177,8 @@ def _nearest_existing_parent(path: str) -> str:
 def _validate_montage_and_augment(config) -> None:
   check_choice(config, "montage.variant", MONTAGE_VARIANTS)
   check_int(config, "montage.output_size", 8)
+  if "group_devices" in config.montage:
+    check_int(config, "montage.group_devices", 0)
   check_range_pair(config, "augment.crop_scale", 0.0, 1.0, low_open=True)
   check_range_pair(config, "augment.crop_ratio", 0.0, math.inf, low_open=True)
   check_range_pair(config, "augment.blur_sigma", 0.0, math.inf, low_open=True)
@@ -225,6 +227,17 @@ def _validate_optimization(config, num_devices: int | None, num_processes: int) 
   if batch_size % num_processes:
     _fail("batch_size", batch_size,
           f"must be a multiple of the number of processes ({num_processes}).")
+  group_devices = config.montage.get("group_devices", 0)
+  if num_devices is not None and group_devices and num_devices % group_devices:
+    _fail("montage.group_devices", group_devices,
+          f"must be 0 (all devices) or divide the number of devices ({num_devices}).")
+  if (num_devices is not None and group_devices and num_devices % group_devices == 0
+      and _get(config, "montage.variant") != "C-A"
+      and batch_size * group_devices // num_devices < _get(config, "montage.num_clips")):
+    _fail("montage.group_devices", group_devices,
+          f"leaves {batch_size * group_devices // num_devices} videos per group, fewer than "
+          f"montage.num_clips={_get(config, 'montage.num_clips')}: a pseudo-video's clips "
+          f"would repeat a video. Use larger groups or a larger batch.")
   num_clips = _get(config, "montage.num_clips")
   if batch_size < num_clips and _get(config, "montage.variant") != "C-A":
     _fail("batch_size", batch_size,

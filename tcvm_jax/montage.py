@@ -36,7 +36,15 @@ The exchange (`exchange=`):
   'all_gather'  every device receives all D * M clips (simple; kept for debugging).
   'auto'        (default) whichever receives fewer bytes.
 The source_ids and the clips each slot receives are identical on any number of devices
-and with either exchange. The augmented pixels agree to float rounding (~1e-6 on
+and with either exchange.
+
+Device groups (`group_devices=G`, default 0 = all devices): the shuffle mixes only the
+videos of G consecutive devices (N * G / D videos), each group with its own assignment
+from fold_in(shuffle key, group); the exchange then runs among a group's devices only, so
+a device receives at most G * M clips however many devices train. The paper shuffles
+across the whole batch (8 GPUs x 4 videos); groups are for many devices, where the
+whole-batch exchange grows with the device count (docs/performance.md). The loss still
+contrasts the whole global batch; ids and augmentation parameters stay global. The augmented pixels agree to float rounding (~1e-6 on
 normalised pixels): XLA may order the contrast mean's sum differently for a different
 number of clips per device; with augmentation off they are exactly equal.
 """
@@ -57,6 +65,7 @@ from tcvm_jax import mesh as mesh_lib
 
 VARIANTS = ("C-A-S", "A-C-S", "C-S-A", "C-A")
 EXCHANGES = ("auto", "all_to_all", "all_gather")
+GROUP_AXIS = "montage_group"  # the mesh axis over device groups (group_devices > 0)
 
 
 def _check_counts(num_videos: int, num_clips: int) -> None:
@@ -89,6 +98,30 @@ def montage_assignment(key: jax.Array, num_videos: int,
   source_index = video_order[rows].astype(jnp.int32)
   clip_index = jnp.broadcast_to(jnp.arange(num_clips, dtype=jnp.int32), rows.shape)
   return source_index, clip_index
+
+
+def grouped_assignment(key: jax.Array, num_videos: int, num_clips: int,
+                       num_groups: int) -> tuple[jax.Array, jax.Array]:
+  """`montage_assignment` within each of `num_groups` consecutive blocks of the batch:
+  group g draws from fold_in(key, g) and shuffles only its own N / num_groups videos.
+  Returns global (N, s) source_index and clip_index."""
+  if num_videos % num_groups:
+    raise ValueError(f"{num_videos} videos do not split into {num_groups} device groups.")
+  videos_per_group = num_videos // num_groups
+  group_keys = jax.vmap(lambda group: jax.random.fold_in(key, group))(jnp.arange(num_groups))
+  source_index, clip_index = jax.vmap(
+      lambda group_key: montage_assignment(group_key, videos_per_group, num_clips))(group_keys)
+  first_video = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None] * videos_per_group
+  return ((source_index + first_video).reshape(num_videos, num_clips),
+          clip_index.reshape(num_videos, num_clips))
+
+
+def num_device_groups(group_devices: int, num_devices: int) -> int:
+  """How many groups of `group_devices` devices (0: one group of all devices)."""
+  if group_devices < 0 or (group_devices and num_devices % group_devices):
+    raise ValueError(f"montage.group_devices={group_devices} must be 0 (all devices) or "
+                     f"divide the device count ({num_devices}).")
+  return num_devices // group_devices if group_devices else 1
 
 
 def identity_assignment(num_videos: int, num_clips: int) -> tuple[jax.Array, jax.Array]:
@@ -271,7 +304,7 @@ def _montage_shard(local_videos: jax.Array, gather_rows: jax.Array,
 
 def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: int,
                   variant: str = "C-A-S", aug_config: Any = None, out_size: int | None = None,
-                  dtype: Any = jnp.float32, exchange: str = "auto"
+                  dtype: Any = jnp.float32, exchange: str = "auto", group_devices: int = 0
                   ) -> tuple[jax.Array, jax.Array]:
   """Pseudo-videos (N, T, S, S, 3) `dtype` and source_ids (N, s) int32, both over `data`.
 
@@ -280,6 +313,7 @@ def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: i
   off (centred square crop resized to S, ImageNet normalisation). out_size: S (default H).
   exchange: how clips move between devices, 'auto', 'all_to_all' or 'all_gather' (see
   the module docstring); the result does not depend on it.
+  group_devices: shuffle within groups of this many consecutive devices (0: all).
   """
   if videos.ndim != 5 or videos.shape[-1] != 3:
     raise ValueError(f"Expected videos (N, T, H, W, 3), got shape {videos.shape}.")
@@ -293,15 +327,21 @@ def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: i
                      f"montage.num_clips={num_clips}; clips must have equal length.")
   mesh_lib.check_batch_divisible(num_videos, mesh)
   num_devices = mesh.shape[mesh_lib.DATA_AXIS]
-  exchange = choose_exchange(exchange, num_videos * num_clips // num_devices, num_devices)
+  num_groups = num_device_groups(group_devices, num_devices)
+  devices_per_group = num_devices // num_groups
+  exchange = choose_exchange(exchange, num_videos * num_clips // num_devices,
+                             devices_per_group)
   out_size = height if out_size is None else out_size
   dtype = augment_lib.resolve_dtype(dtype)
 
   shuffle_key, augment_key = jax.random.split(key)
   if variant == "C-A":
     source_index, clip_index = identity_assignment(num_videos, num_clips)
-  else:
+  elif num_groups == 1:
     source_index, clip_index = montage_assignment(shuffle_key, num_videos, num_clips)
+  else:
+    source_index, clip_index = grouped_assignment(shuffle_key, num_videos, num_clips,
+                                                  num_groups)
   if aug_config is None:
     single = augment_lib.center_crop_params((height, width), out_size)
     params = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, source_index.shape + leaf.shape),
@@ -316,14 +356,32 @@ def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: i
                                                   mesh_lib.replicated_sharding(mesh))
   gather_rows = source_index * num_clips + clip_index  # (N, s) rows of the gathered clips.
 
-  data = P(mesh_lib.DATA_AXIS)
-  # gather_rows go in replicated: each device derives its part of the exchange from the
-  # whole assignment (computed outside, sharding propagation would split the plan's
-  # scatters over the devices and all-gather them back: two extra collectives).
-  shard_fn = jax.shard_map(
-      functools.partial(_montage_shard, num_clips=num_clips, dtype=dtype, exchange=exchange),
-      mesh=mesh, in_specs=(data, P(), data), out_specs=data)
-  pseudo_videos = shard_fn(videos, gather_rows, params)
+  shard = functools.partial(_montage_shard, num_clips=num_clips, dtype=dtype,
+                            exchange=exchange)
+  if num_groups == 1:
+    data = P(mesh_lib.DATA_AXIS)
+    # gather_rows go in replicated: each device derives its part of the exchange from the
+    # whole assignment (computed outside, sharding propagation would split the plan's
+    # scatters over the devices and all-gather them back: two extra collectives).
+    shard_fn = jax.shard_map(shard, mesh=mesh, in_specs=(data, P(), data), out_specs=data)
+    pseudo_videos = shard_fn(videos, gather_rows, params)
+  else:
+    # The same devices as a (groups, devices per group) mesh: the batch keeps its layout,
+    # and the exchange's collectives run over `data`, now a group's devices only.
+    group_mesh = Mesh(mesh.devices.reshape(num_groups, devices_per_group),
+                      (GROUP_AXIS, mesh_lib.DATA_AXIS))
+    data = P((GROUP_AXIS, mesh_lib.DATA_AXIS))
+    videos_per_group = num_videos // num_groups
+    first_row = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None] * (
+        videos_per_group * num_clips)
+    group_rows = gather_rows.reshape(num_groups, videos_per_group, num_clips) - first_row
+    shard_fn = jax.shard_map(
+        lambda v, rows, p: shard(v, rows[0], p), mesh=group_mesh,
+        in_specs=(data, P(GROUP_AXIS), data), out_specs=data)
+    pseudo_videos = shard_fn(videos, group_rows, params)
+    # Back on the caller's mesh (the same layout), so callers see one mesh throughout.
+    pseudo_videos = jax.lax.with_sharding_constraint(pseudo_videos,
+                                                     mesh_lib.batch_sharding(mesh))
   source_ids = jax.lax.with_sharding_constraint(source_index, mesh_lib.batch_sharding(mesh))
   return pseudo_videos, source_ids
 
@@ -336,5 +394,6 @@ def make_montage_fn(config: ml_collections.ConfigDict, mesh: Mesh):
   fn = functools.partial(
       video_montage, mesh=mesh, num_clips=config.montage.num_clips,
       variant=config.montage.variant, aug_config=config.augment,
-      out_size=config.montage.output_size, dtype=augment_lib.resolve_dtype(config.model.dtype))
+      out_size=config.montage.output_size, dtype=augment_lib.resolve_dtype(config.model.dtype),
+      group_devices=config.montage.get("group_devices", 0))
   return jax.jit(fn)

@@ -29,10 +29,10 @@ def id_videos() -> np.ndarray:
   return videos
 
 
-def run(mesh, videos, variant, aug_config, out_size, exchange):
+def run(mesh, videos, variant, aug_config, out_size, exchange, group_devices=0):
   fn = jax.jit(lambda v, k: montage.video_montage(
       v, k, mesh=mesh, num_clips=NUM_CLIPS, variant=variant, aug_config=aug_config,
-      out_size=out_size, exchange=exchange))
+      out_size=out_size, exchange=exchange, group_devices=group_devices))
   sharded = jax.device_put(videos, mesh_lib.batch_sharding(mesh))
   key = jax.random.key(42)
   compiled = fn.lower(sharded, key).compile()
@@ -91,6 +91,32 @@ def main() -> None:
             [videos[multi_ids[:, k], k * clip_len:(k + 1) * clip_len]
              for k in range(NUM_CLIPS)], axis=1)
         report[f"{name}/{exchange}"]["content_exact"] = bool(np.array_equal(frames, expected))
+  # Device groups: group_devices=4 is the default (one group); 2 and 1 shuffle within
+  # pairs of devices / within each device.
+  default, default_ids, _ = run(four_devices, random_videos, "C-A-S", aug_config, OUT_SIZE,
+                                "auto")
+  whole, whole_ids, _ = run(four_devices, random_videos, "C-A-S", aug_config, OUT_SIZE,
+                            "auto", group_devices=4)
+  report["groups/4_vs_default"] = compare(default, default_ids, whole, whole_ids)
+  videos = id_videos()
+  for group_devices in (2, 1):
+    for exchange in ("all_to_all", "all_gather"):
+      multi, multi_ids, layout = run(four_devices, videos, "C-A-S", None, SIZE, exchange,
+                                     group_devices=group_devices)
+      frames = np.asarray(augment.denormalize_to_uint8(multi))
+      clip_len = NUM_FRAMES // NUM_CLIPS
+      expected = np.concatenate([videos[multi_ids[:, k], k * clip_len:(k + 1) * clip_len]
+                                 for k in range(NUM_CLIPS)], axis=1)
+      report[f"groups/{group_devices}/{exchange}"] = {
+          "source_ids": multi_ids.tolist(), "content_exact": bool(np.array_equal(frames,
+                                                                                expected)),
+          **layout}
+  try:
+    montage.video_montage(random_videos, jax.random.key(0), mesh=four_devices,
+                          num_clips=NUM_CLIPS, aug_config=None, group_devices=3)
+    report["bad_group_error"] = ""
+  except ValueError as error:
+    report["bad_group_error"] = str(error)
   try:
     montage.video_montage(random_videos[:6], jax.random.key(0), mesh=four_devices,
                           num_clips=NUM_CLIPS, aug_config=None)

@@ -73,6 +73,24 @@ def test_batch_must_split_over_devices_and_processes():
     validate_config(config, num_devices=1, check_model=False)
 
 
+def test_montage_device_groups_must_split_the_devices_and_hold_enough_videos():
+  config = _config()
+  config.batch_size = 32
+  config.montage.group_devices = 3
+  with pytest.raises(ConfigError, match=r"montage\.group_devices=3: must be 0 \(all "
+                                        r"devices\) or divide the number of devices \(8\)"):
+    validate_config(config, num_devices=8, check_model=False)
+  config.montage.group_devices = 1  # 32 / 8 = 4 videos per group: enough for s = 4
+  validate_config(config, num_devices=8, check_model=False)
+  config.batch_size = 16  # 2 videos per group < s = 4
+  with pytest.raises(ConfigError, match=r"leaves 2 videos per group, fewer than "
+                                        r"montage\.num_clips=4"):
+    validate_config(config, num_devices=8, check_model=False)
+  config.montage.group_devices = -1
+  with pytest.raises(ConfigError, match=r"montage\.group_devices=-1"):
+    validate_config(config, num_devices=8, check_model=False)
+
+
 def test_missing_training_files_fail_before_any_work(tmp_path):
   config = pretrain.get_config("")
   config.data.train_pattern = str(tmp_path / "nowhere" / "train-*.tfrecord")

@@ -258,6 +258,38 @@ def test_one_and_four_devices_and_both_exchanges_agree():
     assert both["ids_equal"] and both["videos_equal"], (name, both["max_abs_diff"])
   assert "config.batch_size=6" in report["indivisible_batch_error"]
 
+  # Device groups. One group of all 4 devices is the default, bit for bit.
+  whole = report["groups/4_vs_default"]
+  assert whole["ids_equal"] and whole["videos_equal"]
+  for group_devices in (2, 1):
+    videos_per_group = 8 * group_devices // num_devices
+    for exchange in ("all_to_all", "all_gather"):
+      case = report[f"groups/{group_devices}/{exchange}"]
+      source_ids = np.asarray(case["source_ids"])  # (8, 4)
+      # Pseudo-video n mixes only the videos of its own group of devices ...
+      groups_of_sources = source_ids // videos_per_group
+      np.testing.assert_array_equal(
+          groups_of_sources, np.repeat(np.arange(8) // videos_per_group, 4).reshape(8, 4))
+      # ... every (video, clip) is used exactly once, in its own temporal slot ...
+      np.testing.assert_array_equal(np.sort(source_ids.reshape(-1)),
+                                    np.repeat(np.arange(8), 4))
+      for k in range(4):
+        assert sorted(source_ids[:, k]) == list(range(8))
+      if videos_per_group >= 4:  # ... from distinct videos where the group has enough.
+        assert all(len(set(row)) == 4 for row in source_ids.tolist())
+      assert case["content_exact"], (group_devices, exchange)
+      # A device exchanges clips with its group only (capacities for G devices, not 4);
+      # a group of 1 has no collective at all.
+      received = sum(v["bytes"] for v in case["collectives"].values())
+      if group_devices == 1:
+        assert case["collectives"] == {}
+      elif exchange == "all_gather":
+        assert received == group_devices * clips_per_device * clip_bytes
+      else:
+        group_capacities = montage.exchange_capacities(clips_per_device, group_devices)
+        assert received == group_devices * sum(group_capacities) * clip_bytes
+  assert "group_devices=3" in report["bad_group_error"]
+
 
 # --- The all_to_all exchange plan (simulated in NumPy) ------------------------------------
 
