@@ -6,8 +6,9 @@ The parent sets XLA_FLAGS (simulated CPU devices) in the environment. Options (J
   workdir, overrides          where to train; dotted config fields over tiny_config().
   coordinator_address, num_processes, process_id
                               join a multi-process run (jax.distributed, gloo).
-  sigkill_before_batch: k     SIGKILL this process when the input is asked for global batch
-                              k (0-based), i.e. after step k was dispatched.
+  sigkill_before_batch: k     SIGKILL this process when the train step is called for global
+                              batch k (0-based), i.e. after step k was dispatched. (Not when
+                              the input is asked for it: a prefetch thread reads ahead.)
   sigterm_before_batch: k     send this process SIGTERM at the same point (preemption).
   nan_from_step: n            make the loss metric NaN from step n on (divergence).
 Prints `RESULT {json}` (train_and_evaluate's results) when training returns.
@@ -26,31 +27,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tcvm_jax import distributed  # pylint: disable=g-import-not-at-top
 
 
-def _wrap_input(train, options: dict) -> None:
-  """Makes the input stream deliver a signal when a given batch is asked for."""
-  create = train.create_train_input
+def _signal_at_batches(train, options: dict) -> None:
+  """Makes the train step deliver a signal when it is called for a given global batch."""
   signals = []
   if "sigkill_before_batch" in options:
     signals.append((options["sigkill_before_batch"], signal.SIGKILL))
   if "sigterm_before_batch" in options:
     signals.append((options["sigterm_before_batch"], signal.SIGTERM))
+  jit_train_step = train.train_step_lib.jit_train_step
 
-  def create_with_signals(*args, **kwargs):
-    train_input = create(*args, **kwargs)
-    make_iterator = train_input.make_iterator
+  def jit_with_signals(*args, **kwargs):
+    step_fn = jit_train_step(*args, **kwargs)
 
-    def iterator(start_batch):
-      for batch_index, batch in enumerate(make_iterator(start_batch), start=start_batch):
-        for when, signum in signals:
-          if batch_index == when:
-            print(f"SIGNAL {signum} before batch {batch_index}", flush=True)
-            os.kill(os.getpid(), signum)
-        yield batch
+    def step_with_signals(state, videos):
+      batch_index = int(state["step"])  # = batches trained on so far (also after a resume)
+      for when, signum in signals:
+        if batch_index == when:
+          print(f"SIGNAL {signum} before batch {batch_index}", flush=True)
+          os.kill(os.getpid(), signum)
+      return step_fn(state, videos)
 
-    train_input.make_iterator = iterator
-    return train_input
+    return step_with_signals
 
-  train.create_train_input = create_with_signals
+  train.train_step_lib.jit_train_step = jit_with_signals
 
 
 def _inject_nan(train, from_step: int) -> None:
@@ -82,7 +81,7 @@ def main() -> None:
   from tcvm_jax import train  # pylint: disable=g-import-not-at-top
   from train_test_utils import tiny_config  # pylint: disable=g-import-not-at-top
 
-  _wrap_input(train, options)
+  _signal_at_batches(train, options)
   if "nan_from_step" in options:
     _inject_nan(train, options["nan_from_step"])
   config = tiny_config(**options.get("overrides", {}))
