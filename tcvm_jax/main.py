@@ -40,6 +40,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Multi-host: total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "Multi-host: this process's index in [0, num_processes).")
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Persistent XLA compilation cache: a rerun or a resumed "
+    "run skips compiling what an earlier run compiled (R3D50's step: ~45 s on a GPU). "
+    "Default: $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/tcvm_jax/xla "
+    "(~/.cache/tcvm_jax/xla); '' turns it off.")
 _LIBRARY_LOGS = flags.DEFINE_bool(
     "library_logs", False, "Keep orbax's INFO log lines (one per checkpoint file operation).")
 
@@ -52,6 +57,26 @@ TASKS = {
     "linear_probe": ("tcvm_jax.linear_probe", "run"),
     "finetune": ("tcvm_jax.finetune", "run"),
 }
+
+
+def default_compilation_cache_dir() -> str:
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                ".cache")
+  return os.path.join(cache_home, "tcvm_jax", "xla")
+
+
+def enable_compilation_cache(path: str | None) -> str | None:
+  """Points JAX's persistent compilation cache at `path` (None: the default above; an
+  already set JAX_COMPILATION_CACHE_DIR wins, jax reads it itself; '': off). Returns the
+  directory in use, or None."""
+  if path == "":
+    return None
+  if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  import jax  # pylint: disable=g-import-not-at-top
+  path = path or default_compilation_cache_dir()
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
 
 
 class _DropLibraryInfo(python_logging.Filter):
@@ -70,6 +95,10 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   # Before anything touches a device: join the other processes, if any.
   distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cache_dir = enable_compilation_cache(_COMPILATION_CACHE_DIR.value)
+  if cache_dir:
+    logging.info("XLA compilation cache: %s (--compilation_cache_dir='' turns it off).",
+                 cache_dir)
   # Imported after initialisation (none of them touches a device at import).
   from tcvm_jax import config_validation, train  # pylint: disable=g-import-not-at-top
 
