@@ -7,6 +7,7 @@ the frame, the pipeline delivered.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging as py_logging
 import os
@@ -19,6 +20,7 @@ from configs import pretrain
 from tcvm_jax.data import dmvr_format, pipeline, samplers
 
 BLOCK = 16
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def frame_jpeg(frame_index: int, height: int, width: int) -> bytes:
@@ -311,3 +313,95 @@ def test_ucf101_tfds_missing_gives_conversion_hint(tmp_path):
   with pytest.raises(FileNotFoundError, match="make_tfrecords.py --format=ucf101"):
     tfds_ucf101.make_ucf101_dataset(make_config(tmp_path), "train", data_dir=str(tmp_path),
                                     batch_size_per_process=2)
+
+
+def noise_jpeg(height: int, width: int, seed: int, chroma_downsampling: bool) -> bytes:
+  """A JPEG of uniform noise: every 8x8 block and chroma sample differs (worst case)."""
+  image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  return tf.io.encode_jpeg(image, quality=90, chroma_downsampling=chroma_downsampling).numpy()
+
+
+@pytest.mark.parametrize("chroma_downsampling", [True, False])  # 16 / 8 px MCUs
+def test_train_crop_gives_the_pixels_of_a_plain_cropped_decode(chroma_downsampling):
+  # 24x77 frames, 16 px windows: y in [0, 8], x in [0, 61], mostly off the MCU grid.
+  frames = tf.constant([noise_jpeg(24, 77, f, chroma_downsampling) for f in range(3)])
+  indices = tf.constant([2, 0, 1, 2], tf.int64)
+  offsets_seen = set()
+  for step in range(24):
+    seed = tf.constant([step, 11], tf.int64)
+    video, upscaled = pipeline._decode_train_clip(frames, indices, 16, seed, 4)
+    y, x = samplers.random_crop_offset(24, 77, 16, seed).numpy().tolist()
+    offsets_seen.add((y > 0, x % 16))
+    assert video.shape == (4, 16, 16, 3) and not upscaled
+    for position, index in enumerate(indices.numpy()):
+      expected = tf.io.decode_and_crop_jpeg(frames[index], [y, x, 16, 16], channels=3)
+      np.testing.assert_array_equal(video[position], expected)
+  assert len({shift for _, shift in offsets_seen}) >= 8  # many positions off the grid
+  assert {below_top for below_top, _ in offsets_seen} == {False, True}
+
+
+def test_train_windows_start_at_any_column(tmp_path):
+  # 16x48 frames (column blocks 0-2), 16 px windows: x anywhere in [0, 32].
+  truth = write_shards(tmp_path, [[6] * 8], width=48)
+  config = make_config(tmp_path, num_frames=2, stride=1)
+  starts = set()
+  for batch in take(pipeline.make_train_dataset(config, batch_size_per_process=8, seed=1), 4):
+    for video, video_index in zip(batch["video"], batch["video_index"]):
+      block_of_column = video[0, 0, :, 0].astype(np.int64) // 80  # pixel = 8f + 4 + 80b
+      first_change = np.flatnonzero(np.diff(block_of_column))
+      x = 16 * block_of_column[0] + (15 - first_change[0] if len(first_change) else 0)
+      assert 0 <= x <= 32
+      # One window for the whole clip, each of its columns in place.
+      np.testing.assert_array_equal(video[..., 0] // 80,
+                                    np.broadcast_to((x + np.arange(16)) // 16, (2, 16, 16)))
+      frame_of_pixel = video[..., 0] % 80 // 8
+      n = truth[int(video_index)][0]
+      start = frame_of_pixel[0, 0, 0]
+      np.testing.assert_array_equal(frame_of_pixel,
+                                    np.broadcast_to(((start + np.arange(2)) % n)[:, None, None],
+                                                    (2, 16, 16)))
+      starts.add(int(x))
+  assert len({x % 16 for x in starts}) >= 6  # windows off the 16 px MCU grid came through
+
+
+def load_throughput_script():
+  spec = importlib.util.spec_from_file_location(
+      "input_throughput", os.path.join(REPO_ROOT, "scripts", "input_throughput.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_throughput_script_reports_consistent_figures(tmp_path, capsys):
+  write_shards(tmp_path, [[9, 7, 8], [6, 9]], width=48)
+  script = load_throughput_script()
+  code = script.main([
+      f"--config={os.path.join(REPO_ROOT, 'configs', 'pretrain.py')}:demo",
+      f"--pattern={os.path.join(str(tmp_path), 'train-*.tfrecord')}", "--num_frames=2",
+      "--frame_stride=2", "--input_size=16", "--shuffle_buffer=4", "--batch_size=2",
+      "--warmup=1", "--batches=3", "--repeats=2", "--json"])
+  assert code == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["batch_shape"] == [2, 2, 16, 16, 3]
+  assert result["clips_per_window"] == 6 and result["windows"] == 2
+  assert result["records"] == 5 and result["frame_size"] == "16x48"
+  assert result["bad_records"] == 0
+  assert result["cores_available"] == len(os.sched_getaffinity(0))
+  for name in ("clips_per_cpu_s", "clips_per_s"):
+    spread = result[f"{name}_range"]
+    assert spread["min"] <= result[name] <= spread["max"]
+  assert result["cpu_ms_per_clip"] == pytest.approx(1e3 / result["clips_per_cpu_s"], rel=1e-2)
+  assert result["clips_per_s_per_available_core"] == pytest.approx(
+      result["clips_per_s"] / result["cores_available"], rel=1e-2)
+  assert 0.0 < result["main_thread_cpu_share"] <= 1.0
+  assert 0.0 <= result["system_cpu_share"] <= 1.0
+
+
+def test_throughput_script_rejects_bad_frame_sizes(capsys):
+  script = load_throughput_script()
+  assert script.parse_frame_size("128x228") == (128, 228)
+  for bad in ("128", "128x", "axb", "16x228"):
+    with pytest.raises(ValueError, match="frame_size"):
+      script.parse_frame_size(bad)
+  assert script.main(["--frame_size=12x3"]) == 2
+  assert "frame_size" in capsys.readouterr().err

@@ -55,6 +55,7 @@ from tcvm_jax.data import samplers
 
 VIDEO_INDEX_STRIDE = 2**32  # video_index = shard_index * VIDEO_INDEX_STRIDE + record_index
 MANIFEST_FILENAME = "manifest.json"
+JPEG_MCU_WIDTH = 16  # columns per MCU of 4:2:0 / 4:2:2 JPEGs (8 for 4:4:4 divides it)
 CHECK_COMMAND = "python scripts/check_tfrecords.py --input={pattern}"
 
 # Why a record was skipped.
@@ -401,9 +402,16 @@ def _decode_train_clip(frames: tf.Tensor, indices: tf.Tensor, size: int, seed: t
 
   def crop_while_decoding():
     y, x = tf.unstack(samplers.random_crop_offset(height, width, size, seed))
-    window = tf.stack([y, x, size, size])
-    return tf.stack([tf.io.decode_and_crop_jpeg(selected[i], window, channels=3)
-                     for i in range(num_frames)])
+    # libjpeg starts a cropped decode on the MCU grid; for a window starting elsewhere TF
+    # decodes the wider, aligned window row by row through a bounce buffer, which cost
+    # ~35% more CPU (128 px windows of 228x128 frames). Asking for the aligned window
+    # and slicing gives the same pixels without it.
+    aligned_x = x - x % JPEG_MCU_WIDTH
+    shift = x - aligned_x
+    window = tf.stack([y, aligned_x, size, size + shift])
+    return tf.stack([
+        tf.io.decode_and_crop_jpeg(selected[i], window, channels=3)[:, shift:shift + size]
+        for i in range(num_frames)])
 
   def decode_resize_crop():
     decoded = tf.stack([tf.io.decode_jpeg(selected[i], channels=3) for i in range(num_frames)])
@@ -527,8 +535,13 @@ def _read_records(plan: ShardPlan, epoch: tf.Tensor, file_seed: tf.Tensor | None
   if file_seed is not None:
     files = files.shuffle(len(plan.files), seed=file_seed, reshuffle_each_iteration=False)
 
+  # Local files unbuffered: records (~2.5 MB for 10 s of 128 px video) are then read
+  # straight into their tensor, one copy less (-11% CPU for reading). Remote file
+  # systems keep TF's default buffer (many small reads would be slow there).
+  buffer_size = None if any("://" in path for path in plan.files) else 0
+
   def read_file(shard_index, path):
-    return tf.data.TFRecordDataset(path).enumerate().map(_plain(
+    return tf.data.TFRecordDataset(path, buffer_size=buffer_size).enumerate().map(_plain(
         lambda record_index, serialized: {
             "serialized": serialized, "epoch": epoch,
             "video_index": shard_index * VIDEO_INDEX_STRIDE + record_index}))
