@@ -6,8 +6,11 @@
 # bf16 at the paper's shapes (32 frames of 112x112 cut into s=4 clips), per-GPU batch
 # $BATCH, each phase with the PyTorch reference timed first in its own process:
 #   1. R3D50: eager torch, then the JAX step      -> $OUT/r3d50_bf16.{json,log}
-#   2. TSM50: eager torch, then the JAX step      -> $OUT/tsm50_bf16.{json,log}
-#   3. R3D50 under torch.compile, if time is left -> $OUT/r3d50_bf16_torch_compile.{json,log}
+#   2. The training loop itself (python -m tcvm_jax.main, R3D50, random data, 100 steps):
+#      its steps/s and clips/s lines, to compare with phase 1's bare step
+#                                                 -> $OUT/loop_r3d50.log
+#   3. TSM50: eager torch, then the JAX step      -> $OUT/tsm50_bf16.{json,log}
+#   4. R3D50 under torch.compile, if time is left -> $OUT/r3d50_bf16_torch_compile.{json,log}
 #      (reuses phase 1's JAX figures, so the ratio is against the compiled reference).
 # Phases run in order of importance; each is capped by `timeout` and by what is left of
 # TOTAL_BUDGET_S, so one hang cannot eat the budget.
@@ -18,7 +21,7 @@
 #  --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0`; it needs only absl-py
 # and PyYAML, which are there).
 #
-# Knobs (environment): BATCH (default 32), STEPS (20), WARMUP (3), TOTAL_BUDGET_S (290),
+# Knobs (environment): BATCH (default 32), STEPS (20), WARMUP (3), TOTAL_BUDGET_S (330),
 # PHASE_TIMEOUT_S (170), TORCH_COMPILE (1), EXTRA_FLAGS (passed to every benchmark run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -27,7 +30,7 @@ OUT=${OUT:-/tmp/tcvm_benchmark_out}
 BATCH=${BATCH:-32}
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-3}
-TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-290}
+TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-330}
 PHASE_TIMEOUT_S=${PHASE_TIMEOUT_S:-170}
 TORCH_COMPILE=${TORCH_COMPILE:-1}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}
@@ -89,6 +92,22 @@ phase() {
 }
 
 phase r3d50_bf16 60 --config=configs/pretrain.py --torch_timeout_s=60
+
+# The loop: prefetched random input, metrics read one step behind, a checkpoint at the end.
+budget=$(left)
+if (( budget >= 90 )); then
+  say "=== loop_r3d50 (timeout 120s)"
+  rm -rf /tmp/tcvm_loop_run  # a fresh run, not a resume of an earlier call's
+  timeout -k 5 120 "$PYTHON" -m tcvm_jax.main --config=configs/pretrain.py \
+      --workdir=/tmp/tcvm_loop_run --compilation_cache_dir= --config.data.name=random \
+      --config.num_train_steps=100 --config.log_every_steps=25 \
+      --config.checkpoint_every_steps=100000 \
+      --config.model.dtype=bfloat16 --config.batch_size="$BATCH" 2>&1 \
+      | grep -E "steps/s|First step|Finished|rror" | tee "$OUT/loop_r3d50.log"
+  say "loop_r3d50 finished with exit code ${PIPESTATUS[0]}"
+else
+  say "SKIP loop_r3d50: ${budget}s left"
+fi
 phase tsm50_bf16 60 --config=configs/pretrain.py:tsm50 --torch_timeout_s=60
 if [ "$TORCH_COMPILE" = 1 ] && [ -f "$OUT/r3d50_bf16.json" ]; then
   remaining=$(left)
