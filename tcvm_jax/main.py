@@ -26,7 +26,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tcvm_jax import distributed
+from tcvm_jax import compilation_cache, distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, with an optional preset: configs/pretrain.py[:demo].",
@@ -59,26 +59,6 @@ TASKS = {
 }
 
 
-def default_compilation_cache_dir() -> str:
-  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                                ".cache")
-  return os.path.join(cache_home, "tcvm_jax", "xla")
-
-
-def enable_compilation_cache(path: str | None) -> str | None:
-  """Points JAX's persistent compilation cache at `path` (None: the default above; an
-  already set JAX_COMPILATION_CACHE_DIR wins, jax reads it itself; '': off). Returns the
-  directory in use, or None."""
-  if path == "":
-    return None
-  if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]
-  import jax  # pylint: disable=g-import-not-at-top
-  path = path or default_compilation_cache_dir()
-  jax.config.update("jax_compilation_cache_dir", path)
-  return path
-
-
 class _DropLibraryInfo(python_logging.Filter):
   """Hides orbax's INFO chatter so the training lines stay readable; warnings pass."""
 
@@ -95,7 +75,7 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   # Before anything touches a device: join the other processes, if any.
   distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  cache_dir = enable_compilation_cache(_COMPILATION_CACHE_DIR.value)
+  cache_dir = compilation_cache.enable(_COMPILATION_CACHE_DIR.value)
   if cache_dir:
     logging.info("XLA compilation cache: %s (--compilation_cache_dir='' turns it off).",
                  cache_dir)
