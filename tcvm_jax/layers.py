@@ -229,7 +229,11 @@ class VideoConv(nnx.Module):
     height, width = x.shape[2:4]
 
     if self.kernel_size == (1, 1, 1):
-      return jnp.einsum("bthwc,cd->bthwd", x, kernel[0, 0, 0])
+      # One (pixels, Cin) x (Cin, Cout) matmul. Written 2D, its weight gradient is a plain
+      # dot over the pixels; as a 5D einsum XLA:CPU contracted four axes with transposed
+      # copies (backward 2.5-3.5x slower on the demo's shapes, docs/performance.md).
+      y = x.reshape(-1, self.in_features) @ kernel[0, 0, 0]
+      return y.reshape(batch, frames, height, width, self.out_features)
 
     if kt == 1:
       # Spatial conv, frames folded into the batch.
@@ -240,13 +244,30 @@ class VideoConv(nnx.Module):
         y = _conv2d(frames_2d, kernel[0], self.stride)
       return y.reshape(batch, frames, *y.shape[1:])
 
-    # Temporal conv: time is the first spatial axis, pixels the second.
     pixels = x.reshape(batch, frames, height * width, -1)  # (B, T, H*W, Cin)
-    y = jax.lax.conv_general_dilated(
-        pixels, kernel[:, 0],  # (kt, 1, Cin, Cout)
-        window_strides=(1, 1), padding=((kt // 2, kt // 2), (0, 0)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.platform_dependent(pixels, kernel[:, 0, 0], cpu=_temporal_conv_as_matmuls,
+                                   default=_temporal_conv_2d)
     return y.reshape(batch, frames, height, width, -1)
+
+
+def _temporal_conv_2d(pixels: jax.Array, kernel: jax.Array) -> jax.Array:
+  """(B, T, P, Cin) x (kt, Cin, Cout), 'same' in time: a 2D conv, time as its first
+  spatial axis and pixels as its second."""
+  kt = kernel.shape[0]
+  return jax.lax.conv_general_dilated(
+      pixels, kernel[:, None], window_strides=(1, 1), padding=((kt // 2, kt // 2), (0, 0)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _temporal_conv_as_matmuls(pixels: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`_temporal_conv_2d` as kt time-shifted (pixels, Cin) x (Cin, Cout) matmuls, which
+  XLA:CPU differentiates faster: forward + backward of the demo's two temporal convs
+  7.35 -> 4.14 and 7.33 -> 3.48 ms (docs/performance.md). CPU only."""
+  batch, frames, num_pixels, in_features = pixels.shape
+  kt = kernel.shape[0]
+  padded = jnp.pad(pixels, ((0, 0), (kt // 2, kt // 2), (0, 0), (0, 0)))
+  y = sum(padded[:, k:k + frames].reshape(-1, in_features) @ kernel[k] for k in range(kt))
+  return y.reshape(batch, frames, num_pixels, -1)
 
 
 def batch_norm(

@@ -110,6 +110,22 @@ def test_space_to_depth_conv_equals_strided_conv(height, width, kernel, stride):
                              atol=1e-5)
 
 
+@pytest.mark.parametrize("kt", [1, 3, 5])
+def test_temporal_conv_as_matmuls_equals_the_2d_conv_with_gradients(kt):
+  # CPU computes temporal kernels as kt shifted matmuls, other backends as a 2D conv; both
+  # are called directly here (platform_dependent picks the first on this machine).
+  rng = np.random.default_rng(5)
+  pixels = jnp.asarray(rng.normal(size=(2, 7, 6, 4)), jnp.float32)  # (B, T, P, Cin)
+  kernel = jnp.asarray(rng.normal(size=(kt, 4, 3)), jnp.float32)
+  conv_out, conv_vjp = jax.vjp(layers._temporal_conv_2d, pixels, kernel)
+  matmul_out, matmul_vjp = jax.vjp(layers._temporal_conv_as_matmuls, pixels, kernel)
+  np.testing.assert_allclose(np.asarray(matmul_out), np.asarray(conv_out), rtol=1e-5,
+                             atol=1e-5)
+  cotangent = jnp.asarray(rng.normal(size=conv_out.shape), jnp.float32)
+  for ours, expected in zip(matmul_vjp(cotangent), conv_vjp(cotangent)):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("height, width, kernel, stride", [(9, 12, 7, 2), (11, 7, 5, 3)])
 def test_space_to_depth_conv_gradients_equal_strided_conv_gradients(height, width, kernel,
                                                                     stride):
