@@ -36,6 +36,11 @@ def count_macs(jaxpr) -> int:
       lhs_shape = eqn.invars[0].aval.shape
       macs += math.prod(eqn.outvars[0].aval.shape) * math.prod(
           lhs_shape[d] for d in lhs_contracting)
+    if name == "cond":
+      # One branch runs (e.g. lax.platform_dependent's per-backend versions of one op):
+      # count the costliest, not their sum.
+      macs += max((count_macs(branch.jaxpr) for branch in eqn.params["branches"]), default=0)
+      continue
     for sub_jaxpr in _sub_jaxprs(eqn.params):
       macs += count_macs(sub_jaxpr)
   return macs

@@ -134,6 +134,14 @@ def test_count_macs_matches_brute_force_formulas():
   grad_jaxpr = jax.make_jaxpr(jax.grad(nested, argnums=(0, 1)))(a, b).jaxpr
   assert jax_step.count_macs(grad_jaxpr) == 3 * 4 * 3 * 5 * 7
 
+  # Per-backend versions of one op (lax.platform_dependent, a cond): one branch runs.
+  def per_backend(a, b):
+    small = lambda a, b: jnp.einsum("bij,bjk->bik", a, b)
+    twice = lambda a, b: small(a, b) + small(a, b)
+    return jax.lax.platform_dependent(a, b, cpu=small, default=twice)
+
+  assert jax_step.count_macs(jax.make_jaxpr(per_backend)(a, b).jaxpr) == 2 * 4 * 3 * 5 * 7
+
 
 def test_r3d50_forward_macs_match_the_issue():
   # Issue #6: "forward is 44.0 GMACs per pseudo-video" (R3D50, 32x112x112).
