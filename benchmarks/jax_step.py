@@ -60,6 +60,17 @@ def median_time(fn: Callable[[], Any], *, steps: int, warmup: int) -> tuple[floa
   return statistics.median(times), times
 
 
+def chained_time(fn: Callable[[], Any], *, steps: int) -> tuple[float, Any]:
+  """Mean wall time of `steps` calls of `fn` dispatched back to back with one wait at the
+  end, as the training loop runs steps (hides per-step dispatch gaps); and the last
+  result."""
+  start = time.perf_counter()
+  for _ in range(steps):
+    result = fn()
+  jax.block_until_ready(result)
+  return (time.perf_counter() - start) / steps, result
+
+
 def flops_from_cost_analysis(cost: Any) -> float | None:
   """'flops' out of `compiled.cost_analysis()` (a dict, or a list of dicts in older jax)."""
   if cost is None:
@@ -209,12 +220,7 @@ def benchmark_train_step(config: ml_collections.ConfigDict, *, steps: int, warmu
   hlo_text = step.compiled.as_text()
   compiled_memory = _memory_analysis(step.compiled)
   step_time_s, step_times = median_time(step.run_blocking, steps=steps, warmup=warmup)
-  # Back-to-back steps, one wait at the end: hides per-step dispatch gaps.
-  start = time.perf_counter()
-  for _ in range(steps):
-    metrics = step.run()
-  jax.block_until_ready(metrics)
-  chained_step_time_s = (time.perf_counter() - start) / steps
+  chained_step_time_s, metrics = chained_time(step.run, steps=steps)
   final_loss = float(metrics["loss"])
   compile_time_s = step.compile_time_s
   mesh, videos = step.mesh, step.videos

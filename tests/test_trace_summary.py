@@ -175,8 +175,8 @@ def test_profile_step_traces_the_real_step_on_cpu(tmp_path):
   completed = subprocess.run(
       [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "profile_step.py"),
        "--config=configs/pretrain.py:demo", "--batch_size=4", "--steps=1", "--time_steps=1",
-       f"--out={out}", "--set=data.num_frames=8", "--set=montage.output_size=32",
-       "--set=data.input_size=40"],
+       f"--out={out}", "--config.data.num_frames=8", "--config.montage.output_size=32",
+       "--config.data.input_size=40"],
       capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
   assert completed.returncode == 0, completed.stderr[-2000:]
   with open(out / "summary.json") as f:
