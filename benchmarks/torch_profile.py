@@ -5,7 +5,8 @@ r"""Where the PyTorch reference step's device time goes (for comparison with JAX
 
 Profiles the reference step of benchmarks/torch_reference.py (no montage) with
 torch.profiler and prints device kernel time per step grouped by a kernel-name heuristic
-(convolution, matmul, batch norm, elementwise/other) plus the top kernels. Needs torch;
+(`trace_summary.kernel_category`: convolution, matmul, batch norm, copy/transpose, other)
+plus the top kernels. Needs torch;
 reads the config with ml_collections only (no TensorFlow).
 """
 
@@ -25,19 +26,8 @@ import torch  # pylint: disable=g-import-not-at-top
 
 import benchmarks  # pylint: disable=g-import-not-at-top
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+from benchmarks.trace_summary import kernel_category  # pylint: disable=g-import-not-at-top
 from tcvm_jax import train  # pylint: disable=g-import-not-at-top
-
-
-def kernel_category(name: str) -> str:
-  lowered = name.lower()
-  if any(k in lowered for k in ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm",
-                                "xmma_fprop", "nhwc", "cudnn")):
-    return "convolution"
-  if any(k in lowered for k in ("gemm", "cutlass", "cublas", "matmul", "sm90_xmma")):
-    return "matmul"
-  if "batch_norm" in lowered or "batchnorm" in lowered or "bn_" in lowered:
-    return "batch norm"
-  return "elementwise/other"
 
 
 def main(argv=None) -> int:

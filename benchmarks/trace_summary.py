@@ -126,13 +126,18 @@ def categorize(info: dict[str, Any] | None, computations: dict[str, list[str]]) 
   return "other"
 
 
-def _library_kind(kernel_name: str) -> str:
-  """Category of a cuDNN / cuBLAS kernel, from its name (inside a command buffer)."""
+def kernel_category(kernel_name: str) -> str:
+  """Category of a library (cuDNN, cuBLAS, PyTorch) kernel from its name: convolution,
+  matmul, batch norm, copy/transpose or other. XLA's own kernels are categorised from
+  their HLO instead; PyTorch's profile (benchmarks/torch_profile.py) uses this too."""
   lowered = kernel_name.lower()
-  if any(k in lowered for k in ("fprop", "dgrad", "wgrad", "conv", "implicit_gemm")):
+  if any(k in lowered for k in ("fprop", "dgrad", "wgrad", "conv", "implicit_gemm", "cudnn",
+                                "nhwc")):
     return "convolution"
-  if any(k in lowered for k in ("gemm", "nvjet", "cutlass", "cublas", "xmma")):
+  if any(k in lowered for k in ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul")):
     return "matmul"
+  if any(k in lowered for k in ("batch_norm", "batchnorm", "bn_")):
+    return "batch norm"
   if "memcpy" in lowered or "memset" in lowered:
     return "copy/transpose"
   return "other"
@@ -188,7 +193,7 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
     name = event["args"]["hlo_op"]
     if name not in instructions or instructions[name]["opcode"] == "command-buffer":
       kernel = str(event.get("name", ""))
-      name = by_kernel_name.get(kernel, f"[library kernel] {_library_kind(kernel)}")
+      name = by_kernel_name.get(kernel, f"[library kernel] {kernel_category(kernel)}")
     entry = per_op.setdefault(name, {"time_us": 0.0, "count": 0, "kernels": set()})
     entry["time_us"] += float(event.get("dur", 0.0))
     entry["count"] += 1
@@ -203,6 +208,7 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
     category = categorize(info, computations)
     if name.startswith("[library kernel] "):
       category = name.split("] ")[1]
+      category = category if category in CATEGORIES else "other"  # e.g. batch norm
     phase = phase_of(info["op_name"]) if info else "no metadata"
     table[(phase, category)] += entry["time_us"]
     rows.append({"op": name, "ms_per_step": entry["time_us"] / 1e3 / num_steps,

@@ -151,6 +151,22 @@ def test_summary_attributes_each_kernel_to_its_phase_and_category(tmp_path):
   assert "montage" in text and "conv_fusion.1" not in text.splitlines()[0]
 
 
+@pytest.mark.parametrize("kernel, category", [
+    # Names seen in the H200 traces of the JAX and PyTorch steps.
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32", "convolution"),
+    ("void nhwcAddPaddingKernel<__nv_bfloat16, __nv_bfloat16, float, true>", "convolution"),
+    ("nvjet_sm90_tst_64x64_64x13_1x2_h_bz_splitK_NTT", "matmul"),
+    ("void at::native::batch_norm_backward_reduce_channels_last_kernel<4, c10::BFloat16>",
+     "batch norm"),
+    ("Memset 3", "copy/transpose"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add>",
+     "other"),
+])
+def test_library_kernels_are_categorised_by_name(kernel, category):
+  assert trace_summary.kernel_category(kernel) == category
+
+
 def test_cpu_trace_without_a_device_process_counts_every_op_once(tmp_path):
   trace_path, hlo_path = str(tmp_path / "trace.json.gz"), str(tmp_path / "hlo.txt")
   with open(hlo_path, "w") as f:
