@@ -227,19 +227,20 @@ def _validate_optimization(config, num_devices: int | None, num_processes: int) 
   if batch_size % num_processes:
     _fail("batch_size", batch_size,
           f"must be a multiple of the number of processes ({num_processes}).")
-  group_devices = config.montage.get("group_devices", 0)
-  if num_devices is not None and group_devices and num_devices % group_devices:
-    _fail("montage.group_devices", group_devices,
-          f"must be 0 (all devices) or divide the number of devices ({num_devices}).")
-  if (num_devices is not None and group_devices and num_devices % group_devices == 0
-      and _get(config, "montage.variant") != "C-A"
-      and batch_size * group_devices // num_devices < _get(config, "montage.num_clips")):
-    _fail("montage.group_devices", group_devices,
-          f"leaves {batch_size * group_devices // num_devices} videos per group, fewer than "
-          f"montage.num_clips={_get(config, 'montage.num_clips')}: a pseudo-video's clips "
-          f"would repeat a video. Use larger groups or a larger batch.")
   num_clips = _get(config, "montage.num_clips")
-  if batch_size < num_clips and _get(config, "montage.variant") != "C-A":
+  shuffled = _get(config, "montage.variant") != "C-A"
+  group_devices = config.montage.get("group_devices", 0)
+  if num_devices is not None and group_devices:
+    if num_devices % group_devices:
+      _fail("montage.group_devices", group_devices,
+            f"must be 0 (all devices) or divide the number of devices ({num_devices}).")
+    videos_per_group = batch_size * group_devices // num_devices
+    if shuffled and videos_per_group < num_clips:
+      _fail("montage.group_devices", group_devices,
+            f"leaves {videos_per_group} videos per group, fewer than "
+            f"montage.num_clips={num_clips}: a pseudo-video's clips would repeat a video. "
+            f"Use larger groups or a larger batch.")
+  if batch_size < num_clips and shuffled:
     _fail("batch_size", batch_size,
           f"must be >= montage.num_clips={num_clips} so that a pseudo-video's clips come "
           f"from different videos.")
