@@ -36,7 +36,9 @@ The exchange (`exchange=`):
   'all_gather'  every device receives all D * M clips (simple; kept for debugging).
   'auto'        (default) whichever receives fewer bytes.
 The source_ids and the clips each slot receives are identical on any number of devices
-and with either exchange.
+and with either exchange. The augmented pixels agree to float rounding (~1e-6 on
+normalised pixels): XLA may order the contrast mean's sum differently for a different
+number of clips per device; with augmentation off they are exactly equal.
 
 Device groups (`group_devices=G`, default 0 = all devices): the shuffle mixes only the
 videos of G consecutive devices (N * G / D videos), each group with its own assignment
@@ -44,9 +46,7 @@ from fold_in(shuffle key, group); the exchange then runs among a group's devices
 a device receives at most G * M clips however many devices train. The paper shuffles
 across the whole batch (8 GPUs x 4 videos); groups are for many devices, where the
 whole-batch exchange grows with the device count (docs/performance.md). The loss still
-contrasts the whole global batch; ids and augmentation parameters stay global. The augmented pixels agree to float rounding (~1e-6 on
-normalised pixels): XLA may order the contrast mean's sum differently for a different
-number of clips per device; with augmentation off they are exactly equal.
+contrasts the whole global batch; ids and augmentation parameters stay global.
 """
 
 from __future__ import annotations
