@@ -10,10 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import finetune_ssv2
-from configs import pretrain
 from tcvm_jax import augment
 from tcvm_jax import checkpointing
 from tcvm_jax import config_validation
@@ -21,8 +19,7 @@ from tcvm_jax import finetune
 from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import retrieval
 from tcvm_jax.data import synthetic
-from tcvm_jax.model import build_model
-from train_test_utils import set_field
+from train_test_utils import export_demo_encoder, set_field
 
 TINY_DATA_DIR = os.path.join(tempfile.gettempdir(), "tcvm_jax_test_data", "synthetic_tiny")
 
@@ -36,13 +33,8 @@ def flat(state) -> dict[str, np.ndarray]:
 def pretrained(tmp_path_factory):
   """A pretraining-style export of the demo TCVM (backbone + TC/OFC heads, seed 3)."""
   directory = str(tmp_path_factory.mktemp("pretrain"))
-  config = pretrain.get_config("demo")
-  params, batch_stats = jax.jit(lambda: nnx.split(
-      build_model(config, rngs=nnx.Rngs(3)), nnx.Param, nnx.BatchStat)[1:])()
   # Running statistics as after training (fresh ones are all 0 / 1).
-  batch_stats = jax.tree.map(lambda x: x + 0.25, batch_stats)
-  checkpointing.save_encoder(os.path.join(directory, checkpointing.ENCODER_DIRNAME), params,
-                             batch_stats, config)
+  _, params, batch_stats = export_demo_encoder(directory, seed=3, stats_offset=0.25)
   return directory, flat(params), flat(batch_stats)
 
 

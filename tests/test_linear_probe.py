@@ -9,17 +9,15 @@ import tempfile
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import linear_probe as probe_config
-from configs import pretrain
 from tcvm_jax import checkpointing
 from tcvm_jax import config_validation
 from tcvm_jax import linear_probe
 from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import retrieval
 from tcvm_jax.data import synthetic
-from tcvm_jax.model import build_model
+from train_test_utils import export_demo_encoder
 
 TINY_DATA_DIR = os.path.join(tempfile.gettempdir(), "tcvm_jax_test_data", "synthetic_tiny")
 
@@ -74,11 +72,7 @@ def test_config_errors_name_the_setting():
 def pretraining_state(tmp_path_factory):
   """The demo TCVM's state (seed 5) and its encoder export."""
   directory = str(tmp_path_factory.mktemp("pretrain"))
-  config = pretrain.get_config("demo")
-  params, batch_stats = jax.jit(lambda: nnx.split(
-      build_model(config, rngs=nnx.Rngs(5)), nnx.Param, nnx.BatchStat)[1:])()
-  checkpointing.save_encoder(os.path.join(directory, checkpointing.ENCODER_DIRNAME), params,
-                             batch_stats, config)
+  config, params, batch_stats = export_demo_encoder(directory, seed=5)
   return config, params, batch_stats, directory
 
 

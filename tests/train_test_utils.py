@@ -22,6 +22,24 @@ COMPILATION_CACHE_DIR = tempfile.mkdtemp(prefix="tcvm_test_xla_cache_")
 atexit.register(shutil.rmtree, COMPILATION_CACHE_DIR, ignore_errors=True)
 
 
+def export_demo_encoder(directory: str, *, seed: int, stats_offset: float = 0.0):
+  """Builds the demo TCVM (init seed `seed`) and exports it as a pretraining encoder into
+  `directory`; `stats_offset` shifts the BatchNorm running statistics (fresh ones are all
+  0 / 1). Returns (config, params, batch_stats)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from tcvm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from tcvm_jax.model import build_model  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("demo")
+  params, batch_stats = jax.jit(lambda: nnx.split(
+      build_model(config, rngs=nnx.Rngs(seed)), nnx.Param, nnx.BatchStat)[1:])()
+  batch_stats = jax.tree.map(lambda x: x + stats_offset, batch_stats)
+  checkpointing.save_encoder(os.path.join(directory, checkpointing.ENCODER_DIRNAME), params,
+                             batch_stats, config)
+  return config, params, batch_stats
+
+
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """r3d_tiny on 8-frame, 32 px noise videos: a step takes well under a second on CPU."""
   from configs import pretrain  # pylint: disable=g-import-not-at-top
