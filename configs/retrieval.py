@@ -90,9 +90,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   elif preset == "hmdb51":
     data.train_pattern = "data/hmdb51_split1/train-*.tfrecord"
   elif preset == "demo":
-    # The pretraining demo's data and encoder (configs/pretrain.py:demo).
-    data.name = "synthetic"
     # The pretraining demo's dataset (configs/pretrain.py:demo), so the same files are used.
+    data.name = "synthetic"
     data.synthetic_params = ml_collections.ConfigDict(synthetic.demo_size_overrides())
     data.num_frames = 16
     data.input_size = 64
