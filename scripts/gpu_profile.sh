@@ -17,19 +17,17 @@ TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-300}
 PHASES=${PHASES:-r3d50 stem torch_eager r3d50_b64 tsm50}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-START=$(date +%s)
-left() { echo $(( TOTAL_BUDGET_S - ($(date +%s) - START) )); }
 exec > >(tee -a "$OUT/log.txt") 2>&1
-"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --target /tmp/site .whl/*.whl || echo "WARNING: wheel install failed"
-export PYTHONPATH=/tmp/site:$PWD
+# shellcheck source=scripts/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"  # START, elapsed, say, left, install_carried_wheels
+install_carried_wheels
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 run() {  # run NAME MIN_SECONDS COMMAND...
   local name=$1 needed=$2; shift 2
   local budget; budget=$(left)
   if (( budget < needed )); then echo "SKIP $name (${budget}s left)"; return; fi
-  echo "=== $name (+$(( $(date +%s) - START ))s, timeout ${budget}s)"
+  echo "=== $name (+$(elapsed)s, timeout ${budget}s)"
   timeout -k 5 "$budget" "$@" 2>&1 | grep -v -E '^[IW][0-9]{4} |^WARNING: All log|oneDNN'
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
@@ -52,4 +50,4 @@ for phase in $PHASES; do
     *) echo "unknown phase $phase" ;;
   esac
 done
-echo "done in $(( $(date +%s) - START ))s"
+echo "done in $(elapsed)s"

@@ -36,16 +36,9 @@ TORCH_COMPILE=${TORCH_COMPILE:-1}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-START=$(date +%s)
-
-elapsed() { echo $(( $(date +%s) - START )); }
-say() { echo "[$(date +%H:%M:%S) +$(elapsed)s] $*"; }
-left() { echo $(( TOTAL_BUDGET_S - $(elapsed) )); }
-
-say "installing the carried wheels"
-"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --target /tmp/site .whl/*.whl || say "WARNING: wheel install failed"
-export PYTHONPATH=/tmp/site:$PWD
+# shellcheck source=scripts/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"  # START, elapsed, say, left, install_carried_wheels
+install_carried_wheels
 
 # Compiled XLA programs survive between calls on a warm machine (inductor caches in /tmp).
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_compilation_cache
