@@ -31,6 +31,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from benchmarks import jax_step, trace_summary  # pylint: disable=g-import-not-at-top
+from tcvm_jax import host_memory  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO_ROOT, "configs", "pretrain.py"),
@@ -42,11 +43,14 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps.")
 _TIME_STEPS = flags.DEFINE_integer("time_steps", 20, "Timed steps (median).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_HOST_MEMORY = flags.DEFINE_enum("host_memory", "auto", host_memory.MODES,
+                                 "Host malloc settings, as in scripts/benchmark.py.")
 
 
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.configure(_HOST_MEMORY.value)  # before the first JAX computation
   config = _CONFIG.value
   if _BATCH_SIZE.value:
     config.batch_size = _BATCH_SIZE.value

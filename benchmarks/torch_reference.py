@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -516,6 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   with open(args.spec) as f:
     request = json.load(f)
+  if request.pop("retain_host_memory", False):
+    # The JAX step's process keeps freed memory (tcvm_jax/host_memory.py); so does this one.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tcvm_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.retain_freed_memory()
   run_kwargs = {key: request.pop(key) for key in
                 ("batch_size", "dtype", "steps", "warmup", "compile_model") if key in request}
   spec = ReferenceSpec(**request)

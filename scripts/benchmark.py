@@ -83,6 +83,11 @@ _INTERLEAVE = flags.DEFINE_integer(
     "interleave", 0, "CPU only: also alternate this many JAX and (eager) torch steps in ONE "
     "process, so both see the same load from other jobs on a shared host; reported as "
     "`interleaved`. 0: off.")
+_HOST_MEMORY = flags.DEFINE_enum(
+    "host_memory", "auto", ("auto", "retain", "release"),
+    "Host malloc settings for this process, the torch reference's and the scaling runs' "
+    "(tcvm_jax/host_memory.py): 'auto' retains freed memory when JAX runs on the CPU, as "
+    "`python -m tcvm_jax.main` does; both frameworks always get the same setting.")
 _REUSE_JAX_JSON = flags.DEFINE_string(
     "reuse_jax_json", None, "Skip the JAX step and take its figures from this earlier JSON "
     "(same config): for a later torch-only run, e.g. --torch_compile --notorch_eager.")
@@ -115,7 +120,7 @@ def _run_torch_child(request: dict[str, Any], timeout_s: int) -> dict[str, Any]:
 
 
 def run_torch_reference(config, *, steps: int, warmup: int, eager: bool, compiled: bool,
-                        timeout_s: int) -> dict[str, Any]:
+                        timeout_s: int, retain_host_memory: bool = False) -> dict[str, Any]:
   """The PyTorch reference, eager and/or torch.compile'd, each in its own process.
 
   Returns the faster run (the stronger reference) with both times attached, or
@@ -126,7 +131,8 @@ def run_torch_reference(config, *, steps: int, warmup: int, eager: bool, compile
   if not (eager or compiled):
     return {"skipped": "--notorch_eager without --torch_compile: nothing to time."}
   request = dict(benchmarks.torch_reference_spec(config), batch_size=config.batch_size,
-                 dtype=config.model.dtype, steps=steps, warmup=warmup, compile_model=False)
+                 dtype=config.model.dtype, steps=steps, warmup=warmup, compile_model=False,
+                 retain_host_memory=retain_host_memory)
   runs = {}
   if eager:
     runs["eager"] = _run_torch_child(request, timeout_s)
@@ -148,13 +154,14 @@ def run_torch_reference(config, *, steps: int, warmup: int, eager: bool, compile
 
 
 def _forwarded_config_args(argv: Sequence[str]) -> list[str]:
-  """The --config / --config.x=y arguments (and --dtype) of this run, for subprocesses."""
+  """The --config / --config.x=y arguments (and --dtype, --host_memory) of this run, for
+  subprocesses."""
   forwarded, take_next = [], False
   for arg in argv[1:]:
     if take_next:
       forwarded.append(arg)
       take_next = False
-    elif arg.startswith(("--config", "--dtype")):
+    elif arg.startswith(("--config", "--dtype", "--host_memory")):
       forwarded.append(arg)
       take_next = "=" not in arg  # `--config.x y` form: the value is the next argument.
   return forwarded
@@ -222,6 +229,7 @@ def format_table(results: dict[str, Any]) -> str:
       ("shape", f"B={results['batch_size']}  T={results['num_frames']}  "
                 f"{results['frame_size']}x{results['frame_size']}  s={results['num_clips']}  "
                 f"dtype={results['dtype']}"),
+      ("host memory retained", str(results.get("host_memory_retained"))),
       ("JAX compile", _fmt(results["compile_time_s"], " s")),
       ("JAX step (median)", _fmt(results["step_time_s"], " ms", 1e-3)),
       ("JAX step (min)", _fmt(results.get("step_time_min_s"), " ms", 1e-3)),
@@ -406,6 +414,10 @@ def main(argv: Sequence[str]) -> int:
   config_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")),
                     "configs/pretrain.py")
   notes: list[str] = []
+  # Before JAX starts its CPU client (see tcvm_jax/host_memory.py); the torch reference
+  # gets the same setting, so neither framework is timed with the other's allocator.
+  from tcvm_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory_retained = host_memory.configure(_HOST_MEMORY.value)
 
   # 1. PyTorch first, in its own process: it must not find a GPU already claimed by JAX.
   torch_figures: dict[str, Any] = {"skipped": "--no_torch: PyTorch reference not run."}
@@ -414,7 +426,7 @@ def main(argv: Sequence[str]) -> int:
     torch_figures = run_torch_reference(
         config, steps=_TORCH_STEPS.value or _STEPS.value, warmup=_WARMUP.value,
         eager=_TORCH_EAGER.value, compiled=_TORCH_COMPILE.value,
-        timeout_s=_TORCH_TIMEOUT.value)
+        timeout_s=_TORCH_TIMEOUT.value, retain_host_memory=host_memory_retained)
     if "skipped" not in torch_figures:
       log(f"torch step {torch_figures['step_time_s'] * 1e3:.1f} ms on "
           f"{torch_figures['device_name']} (compiled={torch_figures['compiled']})")
@@ -502,6 +514,7 @@ def main(argv: Sequence[str]) -> int:
       "input_pipeline": input_figures,
       "scaling": scaling,
       "interleaved": interleaved,
+      "host_memory_retained": host_memory_retained,
       "tensorflow_imported": "tensorflow" in sys.modules,
       "clu_imported": "clu" in sys.modules,
       "notes": notes,

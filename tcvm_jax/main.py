@@ -26,7 +26,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tcvm_jax import compilation_cache, distributed
+from tcvm_jax import compilation_cache, distributed, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, with an optional preset: configs/pretrain.py[:demo].",
@@ -45,6 +45,11 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "run skips compiling what an earlier run compiled (R3D50's step: ~45 s on a GPU). "
     "Default: $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/tcvm_jax/xla "
     "(~/.cache/tcvm_jax/xla); '' turns it off.")
+_HOST_MEMORY = flags.DEFINE_enum(
+    "host_memory", "auto", host_memory.MODES, "'retain': keep freed host memory in the "
+    "process so XLA:CPU does not page-fault its step buffers in again every step (the demo "
+    "step ~10-25% faster, ~0.6 GiB more resident); 'release': the C library's default; "
+    "'auto': retain when JAX will run on the CPU. See tcvm_jax/host_memory.py.")
 _LIBRARY_LOGS = flags.DEFINE_bool(
     "library_logs", False, "Keep orbax's INFO log lines (one per checkpoint file operation).")
 
@@ -73,6 +78,10 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_DropLibraryInfo())
     # TensorFlow (input pipeline only) prints C++ INFO lines at import; keep warnings.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  # Before JAX starts its CPU client: its threads keep the malloc arena they start with.
+  if host_memory.configure(_HOST_MEMORY.value):
+    logging.info("Host memory: freed memory stays in the process (--host_memory=release "
+                 "turns this off).")
   # Before anything touches a device: join the other processes, if any.
   distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cache_dir = compilation_cache.enable(_COMPILATION_CACHE_DIR.value)

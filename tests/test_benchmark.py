@@ -18,7 +18,7 @@ from flax import nnx
 import benchmarks
 from benchmarks import jax_step
 from configs import pretrain
-from tcvm_jax import losses
+from tcvm_jax import host_memory, losses
 from tcvm_jax.model import build_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +83,8 @@ def test_benchmark_script_writes_complete_json(tmp_path):
   assert results["input_clips_per_s_per_core"] is None and results["interleaved"] is None
   assert results["partial"] is False
   assert not results["tensorflow_imported"] and not results["clu_imported"]
+  # JAX_PLATFORMS=cpu: 'auto' keeps freed host memory (tcvm_jax/host_memory.py).
+  assert results["host_memory_retained"] is host_memory._is_glibc_linux()
 
   step = results["step_time_s"]
   assert step > 0 and len(results["step_times_s"]) == 2
