@@ -20,8 +20,10 @@ videos/s is conservative for JAX (`torch_ratio_without_montage` subtracts the mo
 time from the JAX step; `torch_ratio_min` compares the fastest steps, steadier on a shared
 CPU host). bf16 autocast when --dtype=bfloat16, channels-last(-3d) memory;
 --torch_compile adds a torch.compile run (own process) and the faster run counts.
---interleave=N (CPU) alternates N JAX and eager torch steps in one process, so both see
-the same load from other jobs on a shared host. --reuse_jax_json=FILE skips JAX and takes its figures from an earlier run's JSON (for a
+--interleave=N (CPU) alternates N JAX steps, N JAX steps without the montage (on float
+pseudo-videos, like the torch step: `ratio_model_only`) and N eager torch steps in one
+process, so all see the same load from other jobs on a shared host.
+--reuse_jax_json=FILE skips JAX and takes its figures from an earlier run's JSON (for a
 later torch.compile-only run on the same machine). Parameter counts of the two models are
 printed and must be equal (exit code 1 otherwise).
 
@@ -80,9 +82,9 @@ _SCALING_TIMEOUT = flags.DEFINE_integer("scaling_timeout_s", 900, "Per scaling r
 _INPUT_PIPELINE = flags.DEFINE_bool("input_pipeline", False,
                                     "Also measure decoded clips/s per CPU core.")
 _INTERLEAVE = flags.DEFINE_integer(
-    "interleave", 0, "CPU only: also alternate this many JAX and (eager) torch steps in ONE "
-    "process, so both see the same load from other jobs on a shared host; reported as "
-    "`interleaved`. 0: off.")
+    "interleave", 0, "CPU only: also alternate this many JAX, JAX-without-montage and (eager) "
+    "torch steps in ONE process, so all see the same load from other jobs on a shared host; "
+    "reported as `interleaved`. 0: off.")
 _HOST_MEMORY = flags.DEFINE_enum(
     "host_memory", "auto", ("auto", "retain", "release"),
     "Host malloc settings for this process, the torch reference's and the scaling runs' "
@@ -261,6 +263,10 @@ def format_table(results: dict[str, Any]) -> str:
           f"{results['interleaved']['torch_step_time_s'] * 1e3:.1f} ms, ratio "
           f"{results['interleaved']['ratio']:.3g}"
           if results.get("interleaved") and "ratio" in results["interleaved"] else "n/a")),
+      ("interleaved, no montage", (
+          f"JAX {results['interleaved']['jax_model_only_step_time_s'] * 1e3:.1f} ms, ratio "
+          f"{results['interleaved']['ratio_model_only']:.3g}"
+          if results.get("interleaved") and "ratio" in results["interleaved"] else "n/a")),
       ("params JAX / torch", f"{results['params']['jax_total']} / "
                              f"{_fmt(results['params']['torch_total'])} (backbone "
                              f"{results['params']['jax_backbone']} / "
@@ -371,27 +377,38 @@ def run_interleaved(config, *, steps: int, warmup: int) -> dict[str, Any]:
   torch_step = torch_reference.build_train_step(spec, batch_size=config.batch_size,
                                                 dtype=config.model.dtype, device="cpu")
   jax_compiled = jax_step.CompiledStep(config)
+  # Like for like: the JAX step without the montage, on float pseudo-videos as torch's.
+  jax_model_only = jax_step.CompiledStep(config, without_montage=True)
+
+  def timed(run):
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+  runs = {"jax": jax_compiled.run_blocking, "jax_model_only": jax_model_only.run_blocking,
+          "torch": lambda: float(torch_step.run())}  # float() waits for the loss
   for _ in range(warmup):
-    jax_compiled.run_blocking()
-    float(torch_step.run())
-  jax_times, torch_times = [], []
+    for run in runs.values():
+      run()
+  times = {name: [] for name in runs}
   for _ in range(steps):
-    start = time.perf_counter()
-    jax_compiled.run_blocking()
-    jax_times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    float(torch_step.run())  # float() waits for the loss
-    torch_times.append(time.perf_counter() - start)
-  jax_median, torch_median = float(np.median(jax_times)), float(np.median(torch_times))
+    for name, run in runs.items():
+      times[name].append(timed(run))
+  medians = {name: float(np.median(values)) for name, values in times.items()}
   return {
       "steps": steps,
-      "jax_step_time_s": jax_median,
-      "torch_step_time_s": torch_median,
-      "jax_step_times_s": jax_times,
-      "torch_step_times_s": torch_times,
-      # jax videos/s over torch videos/s, as torch_ratio.
-      "ratio": torch_median / jax_median,
-      "ratio_per_pair_median": float(np.median(np.array(torch_times) / np.array(jax_times))),
+      "jax_step_time_s": medians["jax"],
+      "jax_model_only_step_time_s": medians["jax_model_only"],
+      "torch_step_time_s": medians["torch"],
+      "jax_step_times_s": times["jax"],
+      "jax_model_only_step_times_s": times["jax_model_only"],
+      "torch_step_times_s": times["torch"],
+      # jax videos/s over torch videos/s, as torch_ratio: the whole JAX step, and the JAX
+      # step without its montage (the same work as the torch step).
+      "ratio": medians["torch"] / medians["jax"],
+      "ratio_model_only": medians["torch"] / medians["jax_model_only"],
+      "ratio_per_pair_median": float(np.median(np.array(times["torch"])
+                                               / np.array(times["jax"]))),
   }
 
 

@@ -113,6 +113,25 @@ def test_benchmark_script_writes_complete_json(tmp_path):
   assert entry["step_collective_bytes_per_device"] > 0  # gradient all-reduce at least
 
 
+def test_step_without_montage_is_the_step_after_the_montage():
+  config = _tiny_config()
+  config.batch_size = 4
+  full = jax_step.CompiledStep(config)
+  model_only = jax_step.CompiledStep(config, without_montage=True)
+  pseudo_videos, source_ids = model_only.inputs
+  assert pseudo_videos.shape == (4, 8, 32, 32, 3) and pseudo_videos.dtype == jnp.float32
+  assert source_ids.shape == (4, 2)
+  # Same initial state, and the montage of the full step's first step: same update.
+  full_metrics, model_metrics = full.run_blocking(), model_only.run_blocking()
+  for name in ("loss", "grad_norm", "param_norm"):
+    np.testing.assert_allclose(model_metrics[name], full_metrics[name], rtol=1e-5)
+  full_params = jax.tree_util.tree_leaves(full.state["params"])
+  model_params = jax.tree_util.tree_leaves(model_only.state["params"])
+  for a, b in zip(full_params, model_params):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert int(model_only.state["step"]) == 1
+
+
 def test_count_macs_matches_brute_force_formulas():
   lhs = jax.ShapeDtypeStruct((2, 9, 8, 6), jnp.float32)  # NHWC
   kernel = jax.ShapeDtypeStruct((3, 3, 3, 10), jnp.float32)  # HWIO, groups=2 -> Cin/2 = 3
