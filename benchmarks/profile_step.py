@@ -1,7 +1,8 @@
 r"""Where the pretraining step's device time goes: a trace of a few steps, summarised.
 
   python benchmarks/profile_step.py --config=configs/pretrain.py[:preset] --batch_size=32 \
-      --dtype=bfloat16 --out=DIR [--steps=3] [--time_steps=20] [--config.FIELD=VALUE ...]
+      --dtype=bfloat16 --out=DIR [--steps=3] [--time_steps=20] [--without_montage] \
+      [--config.FIELD=VALUE ...]
 
 Compiles the same step as scripts/benchmark.py (device-resident synthetic uint8 videos),
 times it, traces `--steps` more steps with `jax.profiler` and writes:
@@ -43,6 +44,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps.")
 _TIME_STEPS = flags.DEFINE_integer("time_steps", 20, "Timed steps (median).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_WITHOUT_MONTAGE = flags.DEFINE_bool(
+    "without_montage", False, "Profile the step after the montage (fed float pseudo-videos, "
+    "as the PyTorch reference is) instead of the whole step.")
 _HOST_MEMORY = flags.DEFINE_enum("host_memory", "auto", host_memory.MODES,
                                  "Host malloc settings, as in scripts/benchmark.py.")
 
@@ -58,7 +62,7 @@ def main(argv) -> int:
     config.model.dtype = _DTYPE.value
   out, steps, time_steps = _OUT.value, _STEPS.value, _TIME_STEPS.value
   os.makedirs(out, exist_ok=True)
-  step = jax_step.CompiledStep(config)
+  step = jax_step.CompiledStep(config, without_montage=_WITHOUT_MONTAGE.value)
   print(f"compiled in {step.compile_time_s:.1f} s on {jax.devices()[0].device_kind}",
         flush=True)
   with gzip.open(os.path.join(out, "hlo.txt.gz"), "wt") as f:
