@@ -407,8 +407,11 @@ def run_interleaved(config, *, steps: int, warmup: int) -> dict[str, Any]:
       # step without its montage (the same work as the torch step).
       "ratio": medians["torch"] / medians["jax"],
       "ratio_model_only": medians["torch"] / medians["jax_model_only"],
+      # Per adjacent pair of steps, then the median: steadier when the load drifts.
       "ratio_per_pair_median": float(np.median(np.array(times["torch"])
                                                / np.array(times["jax"]))),
+      "ratio_model_only_per_pair_median": float(np.median(
+          np.array(times["torch"]) / np.array(times["jax_model_only"]))),
   }
 
 
