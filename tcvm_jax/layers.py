@@ -6,9 +6,10 @@ Conv3D-shaped parameter (checkpoints look like a Conv3D) and computes it as a 2D
 convolution (or a matmul) over a reshaped tensor. On an H200 (bf16, R3D50, 8 x 32 x 112^2)
 this matched native 3D convolutions: 18.8 vs 18.1 ms per forward+backward, one run each.
 
-Two speed-ups with custom gradients (docs/performance.md): the stem's strided conv over 3
-channels trains through space-to-depth (CPU and CUDA), and the max-pool records its
-winning tap instead of using XLA's select-and-scatter gradient.
+Three speed-ups with custom gradients (docs/performance.md): the stem's strided conv over 3
+channels trains through space-to-depth (CPU and CUDA); on CPU the other strided convs
+take their gradients from their taps instead of stride-dilated convolutions; and the
+max-pool records its winning tap instead of using XLA's select-and-scatter gradient.
 """
 
 from __future__ import annotations
@@ -167,6 +168,67 @@ _strided_conv_few_channels.defvjp(_strided_conv_few_channels_fwd,
                                   _strided_conv_few_channels_bwd)
 
 
+def _strided_conv_vjp_by_taps(x: jax.Array, kernel: jax.Array, grad: jax.Array,
+                              stride: int) -> tuple[jax.Array, jax.Array]:
+  """(dx, dkernel) of `_conv2d(x, kernel, stride)` from its kh * kw taps, no dilation.
+
+  XLA computes a strided convolution's input gradient as a convolution over the output
+  gradient dilated by the stride (stride^2 times the work, mostly zeros) and its weight
+  gradient as one with a dilated kernel; XLA:CPU runs both slowly. Here the taps (the
+  strided views of the padded input each kernel position reads) make one (P, kh*kw*Cin)
+  matrix: the weight gradient is one matmul with the output gradient, the input
+  gradient one matmul back to the taps, each added in at its strided positions.
+  """
+  kh, kw, cin, cout = kernel.shape
+  num, height, width, _ = x.shape
+  _, out_h, out_w, _ = grad.shape
+  pad_h, pad_w = kh // 2, kw // 2
+  span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+  padded_h = max(height + 2 * pad_h, kh - 1 + span_h)
+  padded_w = max(width + 2 * pad_w, kw - 1 + span_w)
+  padded = jnp.pad(x, ((0, 0), (pad_h, padded_h - height - pad_h),
+                       (pad_w, padded_w - width - pad_w), (0, 0)))
+  taps = [(i, j) for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(
+      [padded[:, i:i + span_h:stride, j:j + span_w:stride] for i, j in taps], axis=-1)
+  grad_2d = grad.reshape(-1, cout)
+  dkernel = jax.lax.dot_general(patches.reshape(-1, kh * kw * cin), grad_2d,
+                                (((0,), (0,)), ((), ()))).reshape(kernel.shape)
+  dpatches = (grad_2d @ kernel.reshape(-1, cout).T).reshape(num, out_h, out_w, kh * kw, cin)
+  zero = jnp.zeros((), x.dtype)
+  dpadded = sum(
+      jax.lax.pad(dpatches[:, :, :, t], zero,
+                  ((0, 0, 0), (i, padded_h - i - span_h, stride - 1),
+                   (j, padded_w - j - span_w, stride - 1), (0, 0, 0)))
+      for t, (i, j) in enumerate(taps))
+  return dpadded[:, pad_h:pad_h + height, pad_w:pad_w + width], dkernel
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """A strided conv over many channels: `_conv2d`'s values; on CPU its gradients come
+  from `_strided_conv_vjp_by_taps` (the demo's three: 10 -> 6.3 ms alone,
+  docs/performance.md), elsewhere from XLA's own."""
+  return _conv2d(x, kernel, stride)
+
+
+def _strided_conv_fwd(x, kernel, stride):
+  return _conv2d(x, kernel, stride), (x, kernel)
+
+
+def _strided_conv_bwd(stride, residuals, grad):
+  x, kernel = residuals
+
+  def plain(x, kernel, grad):
+    return jax.vjp(functools.partial(_conv2d, stride=stride), x, kernel)[1](grad)
+
+  by_taps = functools.partial(_strided_conv_vjp_by_taps, stride=stride)
+  return jax.lax.platform_dependent(x, kernel, grad, cpu=by_taps, default=plain)
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
 class VideoConv(nnx.Module):
   """Bias-free video convolution with a (kt, kh, kw, Cin, Cout) kernel.
 
@@ -240,6 +302,8 @@ class VideoConv(nnx.Module):
       frames_2d = x.reshape(batch * frames, height, width, -1)  # (B*T, H, W, Cin)
       if self.stride > 1 and self.in_features <= SPACE_TO_DEPTH_MAX_CHANNELS:
         y = _strided_conv_few_channels(frames_2d, kernel[0], self.stride)
+      elif self.stride > 1:
+        y = _strided_conv(frames_2d, kernel[0], self.stride)
       else:
         y = _conv2d(frames_2d, kernel[0], self.stride)
       return y.reshape(batch, frames, *y.shape[1:])

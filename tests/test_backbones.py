@@ -142,6 +142,44 @@ def test_space_to_depth_conv_gradients_equal_strided_conv_gradients(height, widt
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("height, width, in_features, out_features, kernel, stride", [
+    (14, 14, 16, 16, 3, 2), (7, 9, 8, 5, 3, 2), (4, 4, 8, 8, 3, 2), (11, 10, 6, 4, 5, 3),
+    (5, 5, 7, 3, 1, 2)])
+def test_strided_conv_gradients_by_taps_equal_xla_gradients(height, width, in_features,
+                                                            out_features, kernel, stride):
+  # The CPU backward pass of strided convs over many channels, called directly and through
+  # the custom VJP (platform_dependent picks it on this machine), against XLA's autodiff
+  # of the plain convolution.
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(3, height, width, in_features)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(kernel, kernel, in_features, out_features)),
+                        jnp.float32)
+  plain_out, plain_vjp = jax.vjp(functools.partial(layers._conv2d, stride=stride), x, weights)
+  cotangent = jnp.asarray(rng.normal(size=plain_out.shape), jnp.float32)
+  expected = plain_vjp(cotangent)
+  direct = layers._strided_conv_vjp_by_taps(x, weights, cotangent, stride)
+  custom_out, custom_vjp = jax.vjp(functools.partial(layers._strided_conv, stride=stride),
+                                   x, weights)
+  np.testing.assert_array_equal(np.asarray(custom_out), np.asarray(plain_out))
+  for grads in (direct, custom_vjp(cotangent)):
+    for ours, reference in zip(grads, expected):
+      assert ours.shape == reference.shape
+      np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-4,
+                                 atol=1e-4)
+
+
+def test_video_conv_strided_many_channels_trains_through_the_taps_gradient():
+  conv = layers.VideoConv(8, 6, (1, 3, 3), stride=2, rngs=nnx.Rngs(0))
+  assert conv.in_features > layers.SPACE_TO_DEPTH_MAX_CHANNELS
+  videos = jnp.asarray(np.random.default_rng(7).normal(size=(2, 3, 9, 8, 8)), jnp.float32)
+  # The gradient is the custom one: a platform-dependent choice between the taps (CPU)
+  # and XLA's own; a stride-1 conv of the same shape has no such choice.
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: conv(v).sum()))(videos))
+  assert "platform_index" in jaxpr and jaxpr.count("dot_general") == 2
+  plain = layers.VideoConv(8, 6, (1, 3, 3), stride=1, rngs=nnx.Rngs(0))
+  assert "platform_index" not in str(jax.make_jaxpr(jax.grad(lambda v: plain(v).sum()))(videos))
+
+
 @pytest.mark.parametrize("kernel_size", [(3, 3, 3), (3, 1, 3), (1, 2, 2), (2, 1, 1)])
 def test_video_conv_rejects_unsupported_kernels(kernel_size):
   with pytest.raises(ValueError, match="kernel"):
