@@ -11,7 +11,7 @@ Presets (after a colon):
   configs/pretrain.py:demo     a tiny backbone on the built-in synthetic motion dataset
                                (generated on first use), 310 steps, then video retrieval
                                with the exported encoder; about 4-6 minutes on a 2-core
-                               CPU. Expect the loss to fall from ~4.1 to ~2.85; retrieval
+                               CPU. Expect the loss to fall from ~4.1 to ~2.9; retrieval
                                top-1 stays near chance (~6-9 %, 12 classes) at this length.
 
 Run:
