@@ -196,12 +196,9 @@ class CompiledStep:
       # The first step's montage: then the first run() does what the full step's does.
       self.inputs = montage(self.videos,
                             jax.random.fold_in(self.state["rng"], self.state["step"]))
-      replicated, batch = (mesh_lib.replicated_sharding(self.mesh),
-                           mesh_lib.batch_sharding(self.mesh))
-      step_fn = jax.jit(
-          train_step_lib.make_update_step(config, graphdef, optimizer, schedule),
-          in_shardings=(replicated, batch, batch), out_shardings=(replicated, replicated),
-          donate_argnums=(0,))
+      step_fn = train_step_lib.jit_train_step(
+          train_step_lib.make_update_step(config, graphdef, optimizer, schedule), self.mesh,
+          num_batch_args=2)
     else:
       self.inputs = (self.videos,)
       step_fn = train_step_lib.jit_train_step(

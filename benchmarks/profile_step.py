@@ -29,37 +29,24 @@ if REPO_ROOT not in sys.path:
 
 import jax  # pylint: disable=g-import-not-at-top
 from absl import app, flags  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-from benchmarks import jax_step, trace_summary  # pylint: disable=g-import-not-at-top
+# step_flags defines --config, --batch_size, --dtype and --host_memory.
+from benchmarks import jax_step, step_flags, trace_summary  # pylint: disable=g-import-not-at-top
 from tcvm_jax import host_memory  # pylint: disable=g-import-not-at-top
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(REPO_ROOT, "configs", "pretrain.py"),
-    "Pretraining config file (with an optional ':preset'); any field can be overridden "
-    "(`--config.data.num_frames=8`).", lock_config=False)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: config's).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                           "Compute dtype (default: config.model.dtype).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps.")
 _TIME_STEPS = flags.DEFINE_integer("time_steps", 20, "Timed steps (median).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _WITHOUT_MONTAGE = flags.DEFINE_bool(
     "without_montage", False, "Profile the step after the montage (fed float pseudo-videos, "
     "as the PyTorch reference is) instead of the whole step.")
-_HOST_MEMORY = flags.DEFINE_enum("host_memory", "auto", host_memory.MODES,
-                                 "Host malloc settings, as in scripts/benchmark.py.")
 
 
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  host_memory.configure(_HOST_MEMORY.value)  # before the first JAX computation
-  config = _CONFIG.value
-  if _BATCH_SIZE.value:
-    config.batch_size = _BATCH_SIZE.value
-  if _DTYPE.value:
-    config.model.dtype = _DTYPE.value
+  host_memory.configure(step_flags.HOST_MEMORY.value)  # before the first JAX computation
+  config = step_flags.config_from_flags()
   out, steps, time_steps = _OUT.value, _STEPS.value, _TIME_STEPS.value
   os.makedirs(out, exist_ok=True)
   step = jax_step.CompiledStep(config, without_montage=_WITHOUT_MONTAGE.value)

@@ -52,16 +52,11 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags
 
 import benchmarks
+from benchmarks import step_flags  # defines --config, --batch_size, --dtype, --host_memory
+from tcvm_jax import host_memory
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(REPO_ROOT, "configs", "pretrain.py"),
-    "Pretraining config file (with an optional ':preset').", lock_config=False)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: config's).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                           "Compute dtype (default: config.model.dtype).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
@@ -85,11 +80,6 @@ _INTERLEAVE = flags.DEFINE_integer(
     "interleave", 0, "CPU only: also alternate this many JAX, JAX-without-montage and (eager) "
     "torch steps in ONE process, so all see the same load from other jobs on a shared host; "
     "reported as `interleaved`. 0: off.")
-_HOST_MEMORY = flags.DEFINE_enum(
-    "host_memory", "auto", ("auto", "retain", "release"),
-    "Host malloc settings for this process, the torch reference's and the scaling runs' "
-    "(tcvm_jax/host_memory.py): 'auto' retains freed memory when JAX runs on the CPU, as "
-    "`python -m tcvm_jax.main` does; both frameworks always get the same setting.")
 _REUSE_JAX_JSON = flags.DEFINE_string(
     "reuse_jax_json", None, "Skip the JAX step and take its figures from this earlier JSON "
     "(same config): for a later torch-only run, e.g. --torch_compile --notorch_eager.")
@@ -423,21 +413,14 @@ def write_json(results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-  config = _CONFIG.value
-  if _BATCH_SIZE.value is not None:
-    config.batch_size = _BATCH_SIZE.value
-  if _DTYPE.value is not None:
-    config.model.dtype = _DTYPE.value
-  if config.batch_size < 1:
-    raise app.UsageError(f"--batch_size={config.batch_size} must be >= 1.")
+  config = step_flags.config_from_flags()
   del argv  # absl leaves only positional arguments; flags are read from sys.argv.
   config_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")),
                     "configs/pretrain.py")
   notes: list[str] = []
   # Before JAX starts its CPU client (see tcvm_jax/host_memory.py); the torch reference
   # gets the same setting, so neither framework is timed with the other's allocator.
-  from tcvm_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory_retained = host_memory.configure(_HOST_MEMORY.value)
+  host_memory_retained = host_memory.configure(step_flags.HOST_MEMORY.value)
 
   # 1. PyTorch first, in its own process: it must not find a GPU already claimed by JAX.
   torch_figures: dict[str, Any] = {"skipped": "--no_torch: PyTorch reference not run."}

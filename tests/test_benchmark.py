@@ -20,6 +20,7 @@ from benchmarks import jax_step
 from configs import pretrain
 from tcvm_jax import host_memory, losses
 from tcvm_jax.model import build_model
+from train_test_utils import FAST_COMPILE_XLA_FLAGS, TINY_BENCHMARK_OVERRIDES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,13 +37,9 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
-# A few-second demo: 8 frames in 2 clips of 4, 32 px, batch 4.
-_TINY_OVERRIDES = ["--config.data.num_frames=8", "--config.montage.num_clips=2",
-                   "--config.data.input_size=40", "--config.montage.output_size=32",
-                   "--config.model.ofc_hidden_dim=32", "--config.model.ofc_dim=16"]
-
 
 def _tiny_config(backbone: str = "r3d_tiny"):
+  """The config of TINY_BENCHMARK_OVERRIDES, as an object."""
   config = pretrain.get_config("demo")
   config.data.num_frames = 8
   config.montage.num_clips = 2
@@ -58,13 +55,10 @@ def test_benchmark_script_writes_complete_json(tmp_path):
   json_path = tmp_path / "bench.json"
   command = [sys.executable, "-c", _RUN_WITHOUT_TF, os.path.join(REPO_ROOT, "scripts",
                                                                   "benchmark.py"),
-             "--config=" + os.path.join(REPO_ROOT, "configs", "pretrain.py") + ":demo",
-             *_TINY_OVERRIDES, "--batch_size=4", "--steps=2", "--warmup=1", "--no_torch",
+             *TINY_BENCHMARK_OVERRIDES, "--batch_size=4", "--steps=2", "--warmup=1", "--no_torch",
              "--scaling_devices=2", "--scaling_per_device_batch=2", f"--json={json_path}"]
   # This test checks what is reported, not speed: compile fast (the scaling child inherits).
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0 "
-                       "--xla_llvm_disable_expensive_passes=true")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
   completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                              timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]

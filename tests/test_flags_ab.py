@@ -11,8 +11,7 @@ import sys
 import pytest
 
 from benchmarks import flags_ab
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_test_utils import FAST_COMPILE_XLA_FLAGS, REPO_ROOT, TINY_BENCHMARK_OVERRIDES
 
 
 def test_parse_variant():
@@ -52,17 +51,11 @@ def test_summary_medians_and_ratios():
 
 def test_two_variants_end_to_end(tmp_path):
   json_path = tmp_path / "ab.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0 "
-                       "--xla_llvm_disable_expensive_passes=true")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
   command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "flags_ab.py"),
              "--variant=base=", "--variant=one_thread=--xla_cpu_multi_thread_eigen=false",
              "--variant=bogus=--xla_no_such_flag_for_tcvm=1", "--rounds=1",
-             f"--json={json_path}", "--",
-             "--config=" + os.path.join(REPO_ROOT, "configs", "pretrain.py") + ":demo",
-             "--config.data.num_frames=8", "--config.montage.num_clips=2",
-             "--config.data.input_size=40", "--config.montage.output_size=32",
-             "--config.model.ofc_hidden_dim=32", "--config.model.ofc_dim=16",
+             f"--json={json_path}", "--", *TINY_BENCHMARK_OVERRIDES,
              "--batch_size=2", "--steps=2", "--warmup=1"]
   completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                              timeout=600)

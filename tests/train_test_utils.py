@@ -15,6 +15,16 @@ import ml_collections
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(REPO_ROOT, "tests", "train_helper.py")
+# The demo config shrunk to a few-second step (8 frames in 2 clips, 32 px), as command-line
+# overrides for scripts/benchmark.py and the tools that run it.
+TINY_BENCHMARK_OVERRIDES = [
+    "--config=" + os.path.join(REPO_ROOT, "configs", "pretrain.py") + ":demo",
+    "--config.data.num_frames=8", "--config.montage.num_clips=2",
+    "--config.data.input_size=40", "--config.montage.output_size=32",
+    "--config.model.ofc_hidden_dim=32", "--config.model.ofc_dim=16"]
+# For tests that check what a benchmark reports, not its speed: compile fast.
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
+                          "--xla_llvm_disable_expensive_passes=true")
 # One XLA compilation cache per test session: the children of a test compile the same
 # programs, and a cache hit turns ~30 s of CPU compilation into ~1 s. Results do not
 # depend on it (the cached executable is the one that would have been compiled).
