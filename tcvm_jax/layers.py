@@ -160,8 +160,38 @@ def _strided_conv_few_channels_bwd(stride, residuals, grad):
     return lambda x, kernel, grad: jax.vjp(functools.partial(conv, stride=stride), x,
                                            kernel)[1](grad)
 
-  return jax.lax.platform_dependent(x, kernel, grad, cuda=vjp_of(_conv2d_space_to_depth),
-                                    default=vjp_of(_conv2d))
+  return jax.lax.platform_dependent(
+      x, kernel, grad, cpu=functools.partial(_conv_vjp_weight_grad_in_chunks, stride=stride),
+      cuda=vjp_of(_conv2d_space_to_depth), default=vjp_of(_conv2d))
+
+
+# On CPU the stem's weight gradient is summed over chunks of about this many input pixels
+# (frames x H x W): ~1.2 MB of float32 RGB, which fits a core's L2 cache.
+CPU_WEIGHT_GRAD_CHUNK_PIXELS = 100_000
+
+
+def _conv_vjp_weight_grad_in_chunks(x: jax.Array, kernel: jax.Array, grad: jax.Array,
+                                    stride: int, chunk_pixels: int | None = None
+                                    ) -> tuple[jax.Array, jax.Array]:
+  """(dx, dkernel) of `_conv2d`, the weight gradient summed over chunks of frames.
+
+  XLA:CPU runs a few-channel conv's weight gradient as one single-threaded op whose
+  working set (all frames) overflows the cache. Chunks of ~100k pixels each fit a core's
+  L2, and being independent ops they run on both cores: the demo's stem (256 frames of
+  56 x 56) 15-22 -> 8.4 ms alone (32-frame chunks), 112 x 112 frames to 64 channels
+  376 -> 103 ms (8-frame chunks); docs/performance.md.
+  """
+  num, height, width, _ = x.shape
+  chunk_pixels = chunk_pixels or CPU_WEIGHT_GRAD_CHUNK_PIXELS
+  chunk = max(1, round(chunk_pixels / (height * width)))
+  dx = jax.vjp(lambda x: _conv2d(x, kernel, stride), x)[1](grad)[0]  # unused for the stem
+
+  def chunk_weight_grad(start):
+    x_chunk, grad_chunk = x[start:start + chunk], grad[start:start + chunk]
+    return jax.vjp(lambda k: _conv2d(x_chunk, k, stride), kernel)[1](grad_chunk)[0]
+
+  dkernel = functools.reduce(jnp.add, [chunk_weight_grad(i) for i in range(0, num, chunk)])
+  return dx, dkernel
 
 
 _strided_conv_few_channels.defvjp(_strided_conv_few_channels_fwd,

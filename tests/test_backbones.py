@@ -142,6 +142,35 @@ def test_space_to_depth_conv_gradients_equal_strided_conv_gradients(height, widt
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("num, chunk_frames", [(5, 2), (4, 4), (3, 7)])
+def test_stem_weight_gradient_in_chunks_equals_xla_gradients(num, chunk_frames):
+  # The CPU backward pass of few-channel strided convs (the stem): the weight gradient
+  # summed over chunks of frames (here 2 + 2 + 1, one chunk, and one short chunk), called
+  # directly and through the custom VJP (platform_dependent picks it on this machine).
+  height, width, stride = 9, 12, 2
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(num, height, width, 3)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(7, 7, 3, 5)), jnp.float32)
+  plain_out, plain_vjp = jax.vjp(functools.partial(layers._conv2d, stride=stride), x, weights)
+  cotangent = jnp.asarray(rng.normal(size=plain_out.shape), jnp.float32)
+  expected = plain_vjp(cotangent)
+  direct = layers._conv_vjp_weight_grad_in_chunks(
+      x, weights, cotangent, stride, chunk_pixels=chunk_frames * height * width)
+  chunks = str(jax.make_jaxpr(functools.partial(
+      layers._conv_vjp_weight_grad_in_chunks, stride=stride,
+      chunk_pixels=chunk_frames * height * width))(x, weights, cotangent))
+  # One weight-gradient conv per chunk, plus the input gradient's; each traced vjp also
+  # holds its forward conv (unused, dropped by XLA).
+  assert chunks.count("conv_general_dilated") == 2 * (-(-num // chunk_frames) + 1)
+  _, custom_vjp = jax.vjp(functools.partial(layers._strided_conv_few_channels, stride=stride),
+                          x, weights)
+  for grads in (direct, custom_vjp(cotangent)):
+    for ours, reference in zip(grads, expected):
+      assert ours.shape == reference.shape
+      np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-4,
+                                 atol=1e-4)
+
+
 @pytest.mark.parametrize("height, width, in_features, out_features, kernel, stride", [
     (14, 14, 16, 16, 3, 2), (7, 9, 8, 5, 3, 2), (4, 4, 8, 8, 3, 2), (11, 10, 6, 4, 5, 3),
     (5, 5, 7, 3, 1, 2)])
