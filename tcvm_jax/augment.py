@@ -567,19 +567,41 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
   return normalize(frames, params.mean, params.std).astype(dtype)
 
 
+# On CPU, clips are augmented in chunks of about this many input pixels (clips x frames x
+# H x W): each chunk's float planes (~3 MB) stay in cache between the ops of the chain.
+CPU_AUGMENT_CHUNK_PIXELS = 262_144
+
+
 def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.float32
                   ) -> jax.Array:
   """A batch of clips at once: (K, L, H, W, 3) uint8, params with leaves (K, ...) ->
   (K, L, S, S, 3) `dtype`.
 
   One vmapped program: the resampling and blur become batched matmuls / fused
-  elementwise passes over all K clips, with no per-clip loop. Each clip's result equals
-  `apply_augment` on it up to float rounding (XLA may order the contrast mean's sum
-  differently for different K, ~1e-7).
+  elementwise passes over all K clips, with no per-clip loop. On CPU the clips go in
+  chunks of ~`CPU_AUGMENT_CHUNK_PIXELS` input pixels, one such program each (the demo's
+  64 clips: 4 chunks, ~2-5 % of the whole step, docs/performance.md). Each clip's result
+  equals `apply_augment` on it up to float rounding (XLA may order the contrast mean's
+  sum differently for different K, ~1e-7).
   """
   if clips.ndim != 5 or clips.shape[-1] != 3:
     raise ValueError(f"Expected clips (K, L, H, W, 3), got shape {clips.shape}.")
-  return jax.vmap(lambda p, c: apply_augment(p, c, dtype))(params, clips)
+
+  def batched(params, clips):
+    return jax.vmap(lambda p, c: apply_augment(p, c, dtype))(params, clips)
+
+  num_clips, clip_len, height, width, _ = clips.shape
+  chunk = max(1, round(CPU_AUGMENT_CHUNK_PIXELS / (clip_len * height * width)))
+  if chunk >= num_clips:
+    return batched(params, clips)
+
+  def in_chunks(params, clips):
+    return jnp.concatenate([
+        batched(jax.tree.map(lambda leaf: leaf[start:start + chunk], params),
+                clips[start:start + chunk])
+        for start in range(0, num_clips, chunk)])
+
+  return jax.lax.platform_dependent(params, clips, cpu=in_chunks, default=batched)
 
 
 def augment_clip(key: jax.Array, clip: jax.Array, aug_config: Any, out_size: int,

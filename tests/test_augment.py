@@ -321,7 +321,10 @@ def test_augment_clip_matches_sample_then_apply_and_dtype():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
-def test_augment_clips_batch_equals_clip_by_clip():
+@pytest.mark.parametrize("chunk_clips", [None, 4])
+def test_augment_clips_batch_equals_clip_by_clip(chunk_clips, monkeypatch):
+  # chunk_clips=4: CPU augments chunks of 4 clips (here 4 + 2), as the demo's 64 clips
+  # go in chunks of 16; by default these 6 small clips are one batch.
   clips = jnp.asarray(random_clip(11, (6, 2, 16, 16, 3)))
   keys = jax.random.split(jax.random.key(12), 6)
   config = aug_config()
@@ -329,7 +332,12 @@ def test_augment_clips_batch_equals_clip_by_clip():
   # Force every op on for half of the clips, off for the others.
   on = jnp.arange(6) % 2 == 0
   params = with_fields(params, jitter=on, grayscale=~on, blur=on, flip=on)
-  batched = np.asarray(jax.jit(augment.augment_clips)(params, clips))
+  if chunk_clips:
+    monkeypatch.setattr(augment, "CPU_AUGMENT_CHUNK_PIXELS", chunk_clips * 2 * 16 * 16)
+  augment_clips = lambda p, c: augment.augment_clips(p, c)  # a new function: no trace cache
+  jaxpr = str(jax.make_jaxpr(augment_clips)(params, clips))
+  assert ("platform_index" in jaxpr) == bool(chunk_clips)
+  batched = np.asarray(jax.jit(augment_clips)(params, clips))
   apply = jax.jit(augment.apply_augment)
   for index in range(6):
     single = jax.tree.map(lambda leaf: leaf[index], params)
