@@ -11,12 +11,16 @@ device op in the trace is matched, by its `hlo_op` name, to its instruction in t
             forward (the model, loss and heads), other (optimizer, metrics), or
             "no metadata" (ops XLA made without op_name, e.g. weight-gradient convs),
 read off the instruction (for a fusion, off the ops in its fused computation) and its
-`op_name` metadata. Pure Python: runs anywhere, on files fetched from a GPU machine too.
+`op_name` metadata. On a CPU trace, XLA's asynchronous thunks (convolutions, dots) trace
+only their launch; each is credited with the time no traced op runs until its
+'end: NAME' marker (`credit_in_flight`), and what is left is reported as idle.
+Pure Python: runs anywhere, on files fetched from a GPU machine too.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -155,18 +159,20 @@ def phase_of(op_name: str) -> str:
   return "other"  # optimizer update, metrics
 
 
+def _device_pids(events: list[dict[str, Any]]) -> set[Any]:
+  """Processes of accelerator devices (none in a CPU trace)."""
+  return {event["pid"] for event in events
+          if event.get("ph") == "M" and event.get("name") == "process_name"
+          and event["args"]["name"].startswith("/device:") and "CPU" not in event["args"]["name"]}
+
+
 def device_op_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
   """Complete events of device ops: GPU stream events where the trace has a device
   process, else (CPU) every event that names an HLO op."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  process_names, thread_names = {}, {}
-  for event in events:
-    if event.get("ph") == "M" and event.get("name") == "process_name":
-      process_names[event["pid"]] = event["args"]["name"]
-    if event.get("ph") == "M" and event.get("name") == "thread_name":
-      thread_names[(event["pid"], event.get("tid"))] = event["args"]["name"]
-  device_pids = {pid for pid, name in process_names.items()
-                 if name.startswith("/device:") and "CPU" not in name}
+  thread_names = {(event["pid"], event.get("tid")): event["args"]["name"] for event in events
+                  if event.get("ph") == "M" and event.get("name") == "thread_name"}
+  device_pids = _device_pids(events)
   op_events = [event for event in events
                if event.get("ph") == "X" and "hlo_op" in event.get("args", {})
                and not str(event.get("name", "")).startswith("end: ")]
@@ -178,6 +184,56 @@ def device_op_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
   return on_streams or on_device
 
 
+def credit_in_flight(op_events: list[dict[str, Any]], events: list[dict[str, Any]]
+                     ) -> tuple[list[dict[str, Any]], float]:
+  """CPU op events, each lengthened by the idle time it was still in flight; and the
+  idle time (us) no op was in flight.
+
+  XLA:CPU traces each thunk's execution; an asynchronous one (convolutions and dots run
+  on the thread pool) returns at once and marks its completion with an 'end: NAME'
+  event, so its own event covers only the launch (0.3 ms of the demo stem's ~16 ms
+  convolution). Between launch and end marker it may also be queued while other ops
+  run, so it is credited only with the time no traced op runs, shared equally among
+  the ops in flight then. The durations then add up to at most the traced span.
+  """
+  ends: dict[str, list[float]] = collections.defaultdict(list)
+  for event in events:
+    name = str(event.get("name", ""))
+    if event.get("ph") == "X" and name.startswith("end: "):
+      ends[name[len("end: "):]].append(float(event["ts"]))
+  for times in ends.values():
+    times.sort()
+  in_flight = []  # (launch returned, end marker, index)
+  for index, event in enumerate(op_events):
+    launched = float(event["ts"]) + float(event.get("dur", 0.0))
+    times = ends.get(str(event.get("name", "")), [])
+    position = bisect.bisect_left(times, float(event["ts"]))
+    if position < len(times) and times[position] > launched:
+      in_flight.append((launched, times[position], index))
+  extra = [0.0] * len(op_events)
+  for gap_start, gap_stop in _idle_spans(op_events):
+    cuts = sorted({gap_start, gap_stop} | {t for a, b, _ in in_flight for t in (a, b)
+                                           if gap_start < t < gap_stop})
+    for piece_start, piece_stop in zip(cuts, cuts[1:]):
+      owners = [i for a, b, i in in_flight if a <= piece_start and b >= piece_stop]
+      for i in owners:
+        extra[i] += (piece_stop - piece_start) / len(owners)
+  idle = sum(stop - start for start, stop in _idle_spans(op_events)) - sum(extra)
+  return [dict(event, dur=float(event.get("dur", 0.0)) + extra[i]) if extra[i] else event
+          for i, event in enumerate(op_events)], idle
+
+
+def _idle_spans(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
+  """The (start, stop) times within the events' span during which none of them runs."""
+  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events)
+  gaps, end = [], spans[0][1] if spans else 0.0
+  for start, stop in spans[1:]:
+    if start > end:
+      gaps.append((end, start))
+    end = max(end, stop)
+  return gaps
+
+
 def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
               ) -> dict[str, Any]:
   """Device time per step by phase x category, and the `top` ops by time."""
@@ -185,6 +241,11 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
     trace = json.load(f)
   instructions, computations = parse_hlo(_open_text(hlo_path))
   events = device_op_events(trace)
+  all_events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  if any(event.get("pid") not in _device_pids(all_events) for event in events):
+    events, idle_us = credit_in_flight(events, all_events)  # a CPU trace
+  else:
+    idle_us = sum(stop - start for start, stop in _idle_spans(events))
   # Inside a command buffer (a CUDA graph) every kernel reports the buffer as its hlo_op;
   # XLA's own kernels are named after their instruction ('.' and '-' made '_').
   by_kernel_name = {re.sub(r"[.\-]", "_", name): name for name in instructions}
@@ -228,6 +289,7 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
           "by_phase_ms": by_phase,
           "by_category_ms": {c: sum(by_phase[p].get(c, 0.0) for p in PHASES)
                              for c in CATEGORIES},
+          "idle_ms_per_step": idle_us / 1e3 / num_steps,
           "top_ops": rows[:top]}
 
 
@@ -235,6 +297,9 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"device time per step: {summary['device_ms_per_step']:.2f} ms in "
            f"{summary['launches_per_step']:.0f} op launches "
            f"(unmatched to HLO: {summary['unmatched_ms_per_step']:.2f} ms)"]
+  if "idle_ms_per_step" in summary:
+    lines.append(f"no op running (between the traced ops): "
+                 f"{summary['idle_ms_per_step']:.2f} ms per step")
   if "step_time_s" in summary:
     lines.append(f"wall step time (median): {summary['step_time_s'] * 1e3:.2f} ms")
   header = f"{'phase':<16}" + "".join(f"{c[:12]:>13}" for c in CATEGORIES) + f"{'total':>10}"

@@ -185,6 +185,40 @@ def test_cpu_trace_without_a_device_process_counts_every_op_once(tmp_path):
       {"convolution": 0.1, "reduction": 0.1})
 
 
+def test_cpu_async_ops_are_credited_with_the_idle_time_until_their_end_marker(tmp_path):
+  # XLA:CPU's asynchronous thunks (convolutions, dots) trace only their launch and mark
+  # completion with an 'end: NAME' event. Times in us:
+  #   conv_fusion.1          launch [0, 10], end marker at 100
+  #   input_reduce_fusion.3  [50, 70], runs while the conv is in flight
+  #   gemm_fusion.5          launch [70, 75], end marker at 110 (in flight with the conv)
+  #   loop_maximum_fusion.4  [130, 135]
+  # Idle (no traced op): [10, 50] -> conv alone; [75, 100] -> conv and gemm, half each;
+  # [100, 110] -> gemm alone; [110, 130] -> nobody (left idle).
+  trace_path, hlo_path = str(tmp_path / "trace.json.gz"), str(tmp_path / "hlo.txt")
+  with open(hlo_path, "w") as f:
+    f.write(HLO_TEXT)
+  events = [{"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/host:CPU"}}]
+  for name, start, duration, end in (("conv_fusion.1", 0, 10, 100),
+                                     ("input_reduce_fusion.3", 50, 20, None),
+                                     ("gemm_fusion.5", 70, 5, 110),
+                                     ("loop_maximum_fusion.4", 130, 5, None)):
+    events.append({"ph": "X", "pid": 3, "tid": 1, "ts": float(start), "dur": float(duration),
+                   "name": name, "args": {"hlo_op": name}})
+    events.append({"ph": "X", "pid": 3, "tid": 1, "ts": float(end or start + duration),
+                   "dur": 0.2, "name": f"end: {name}", "args": {}})
+  with gzip.open(trace_path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  summary = trace_summary.summarize(trace_path, hlo_path, num_steps=1)
+  ms = {row["op"]: row["ms_per_step"] for row in summary["top_ops"]}
+  assert ms["conv_fusion.1"] == pytest.approx((10 + 40 + 12.5) / 1e3)
+  assert ms["gemm_fusion.5"] == pytest.approx((5 + 12.5 + 10) / 1e3)
+  assert ms["input_reduce_fusion.3"] == pytest.approx(0.02)
+  assert summary["idle_ms_per_step"] == pytest.approx(0.02)
+  # Every microsecond of the span is either an op's or idle.
+  assert summary["device_ms_per_step"] + summary["idle_ms_per_step"] == pytest.approx(0.135)
+  assert "no op running" in trace_summary.format_summary(summary)
+
+
 @pytest.mark.slow
 def test_profile_step_traces_the_real_step_on_cpu(tmp_path):
   out = tmp_path / "profile"
