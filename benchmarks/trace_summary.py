@@ -242,8 +242,8 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
   instructions, computations = parse_hlo(_open_text(hlo_path))
   events = device_op_events(trace)
   all_events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  if any(event.get("pid") not in _device_pids(all_events) for event in events):
-    events, idle_us = credit_in_flight(events, all_events)  # a CPU trace
+  if not _device_pids(all_events):  # a CPU trace
+    events, idle_us = credit_in_flight(events, all_events)
   else:
     idle_us = sum(stop - start for start, stop in _idle_spans(events))
   # Inside a command buffer (a CUDA graph) every kernel reports the buffer as its hlo_op;

@@ -139,8 +139,9 @@ def _strided_conv_few_channels(x: jax.Array, kernel: jax.Array, stride: int) -> 
   The training forward pass (the custom_vjp fwd rule) runs it by space-to-depth on CPU
   and CUDA, plainly elsewhere; the weight gradient is the space-to-depth graph's on CUDA,
   the plain convolution's summed over cache-sized chunks of frames on CPU
-  (`_conv_vjp_weight_grad_in_chunks`) and the plain convolution's elsewhere. Measured (docs/performance.md): CPU, the demo's
-  stem, forward 40 -> 26 ms, weight gradient 23 ms plain vs 137 by space-to-depth; H200,
+  (`_conv_vjp_weight_grad_in_chunks`) and the plain convolution's elsewhere. Measured
+  (docs/performance.md): CPU, the demo's stem, forward 40 -> 26 ms, weight gradient
+  23 ms plain vs 137 by space-to-depth (before the chunks); H200,
   bf16, 1024 x 112^2 x 3 -> 64: forward 2.07 -> 1.15 ms, forward + weight gradient
   3.24 -> 2.07 ms.
   """
@@ -178,9 +179,10 @@ def _conv_vjp_weight_grad_in_chunks(x: jax.Array, kernel: jax.Array, grad: jax.A
 
   XLA:CPU runs a few-channel conv's weight gradient as one single-threaded op whose
   working set (all frames) overflows the cache. Chunks of ~100k pixels each fit a core's
-  L2, and being independent ops they run on both cores: the demo's stem (256 frames of
-  56 x 56) 15-22 -> 8.4 ms alone (32-frame chunks), 112 x 112 frames to 64 channels
-  376 -> 103 ms (8-frame chunks); docs/performance.md.
+  L2 (XLA may also run the independent chunks side by side; in the demo step they ran
+  one after another): the demo's stem (256 frames of 56 x 56) 15-22 -> 8.4 ms alone
+  (32-frame chunks), 112 x 112 frames to 64 channels 376 -> 103 ms (8-frame chunks);
+  docs/performance.md.
   """
   num, height, width, _ = x.shape
   chunk_pixels = chunk_pixels or CPU_WEIGHT_GRAD_CHUNK_PIXELS
