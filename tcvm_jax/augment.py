@@ -47,6 +47,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from tcvm_jax import cpu_chunks
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale.
@@ -579,8 +581,9 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
 
   One vmapped program: the resampling and blur become batched matmuls / fused
   elementwise passes over all K clips, with no per-clip loop. On CPU the clips go in
-  chunks of ~`CPU_AUGMENT_CHUNK_PIXELS` input pixels, one such program each (the demo's
-  64 clips: 4 chunks, ~2-5 % of the whole step, docs/performance.md). Each clip's result
+  chunks of ~`CPU_AUGMENT_CHUNK_PIXELS` input pixels (at most `cpu_chunks.MAX_CHUNKS`),
+  one such program each (the demo's 64 clips: 4 chunks, ~2-5 % of the whole step,
+  docs/performance.md). Each clip's result
   equals `apply_augment` on it up to float rounding (XLA may order the contrast mean's
   sum differently for different K, ~1e-7).
   """
@@ -591,7 +594,8 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
     return jax.vmap(lambda p, c: apply_augment(p, c, dtype))(params, clips)
 
   num_clips, clip_len, height, width, _ = clips.shape
-  chunk = max(1, round(CPU_AUGMENT_CHUNK_PIXELS / (clip_len * height * width)))
+  chunk = cpu_chunks.chunk_size(num_clips, clip_len * height * width,
+                                CPU_AUGMENT_CHUNK_PIXELS)
   if chunk >= num_clips:
     return batched(params, clips)
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tcvm_jax import cpu_chunks
+
 Dtype = Any
 
 
@@ -178,15 +180,16 @@ def _conv_vjp_weight_grad_in_chunks(x: jax.Array, kernel: jax.Array, grad: jax.A
   """(dx, dkernel) of `_conv2d`, the weight gradient summed over chunks of frames.
 
   XLA:CPU runs a few-channel conv's weight gradient as one single-threaded op whose
-  working set (all frames) overflows the cache. Chunks of ~100k pixels each fit a core's
-  L2 (XLA may also run the independent chunks side by side; in the demo step they ran
+  working set (all frames) overflows the cache. Chunks of ~100k pixels (at most
+  `cpu_chunks.MAX_CHUNKS` of them) each fit a core's L2 (XLA may also run the
+  independent chunks side by side; in the demo step they ran
   one after another): the demo's stem (256 frames of 56 x 56) 15-22 -> 8.4 ms alone
   (32-frame chunks), 112 x 112 frames to 64 channels 376 -> 103 ms (8-frame chunks);
   docs/performance.md.
   """
   num, height, width, _ = x.shape
-  chunk_pixels = chunk_pixels or CPU_WEIGHT_GRAD_CHUNK_PIXELS
-  chunk = max(1, round(chunk_pixels / (height * width)))
+  chunk = cpu_chunks.chunk_size(num, height * width,
+                                chunk_pixels or CPU_WEIGHT_GRAD_CHUNK_PIXELS)
   dx = jax.vjp(lambda x: _conv2d(x, kernel, stride), x)[1](grad)[0]  # unused for the stem
 
   def chunk_weight_grad(start):
