@@ -211,14 +211,15 @@ def credit_in_flight(op_events: list[dict[str, Any]], events: list[dict[str, Any
     if position < len(times) and times[position] > launched:
       in_flight.append((launched, times[position], index))
   extra = [0.0] * len(op_events)
-  for gap_start, gap_stop in _idle_spans(op_events):
+  gaps = _idle_spans(op_events)
+  for gap_start, gap_stop in gaps:
     cuts = sorted({gap_start, gap_stop} | {t for a, b, _ in in_flight for t in (a, b)
                                            if gap_start < t < gap_stop})
     for piece_start, piece_stop in zip(cuts, cuts[1:]):
       owners = [i for a, b, i in in_flight if a <= piece_start and b >= piece_stop]
       for i in owners:
         extra[i] += (piece_stop - piece_start) / len(owners)
-  idle = sum(stop - start for start, stop in _idle_spans(op_events)) - sum(extra)
+  idle = sum(stop - start for start, stop in gaps) - sum(extra)
   return [dict(event, dur=float(event.get("dur", 0.0)) + extra[i]) if extra[i] else event
           for i, event in enumerate(op_events)], idle
 

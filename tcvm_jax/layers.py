@@ -157,16 +157,18 @@ def _strided_conv_few_channels_fwd(x, kernel, stride):
   return y, (x, kernel)
 
 
+def _autodiff_vjp(conv, stride: int):
+  """(x, kernel, grad) -> (dx, dkernel) of `conv(x, kernel, stride)` by XLA's autodiff."""
+  return lambda x, kernel, grad: jax.vjp(functools.partial(conv, stride=stride), x,
+                                         kernel)[1](grad)
+
+
 def _strided_conv_few_channels_bwd(stride, residuals, grad):
   x, kernel = residuals
-
-  def vjp_of(conv):
-    return lambda x, kernel, grad: jax.vjp(functools.partial(conv, stride=stride), x,
-                                           kernel)[1](grad)
-
   return jax.lax.platform_dependent(
       x, kernel, grad, cpu=functools.partial(_conv_vjp_weight_grad_in_chunks, stride=stride),
-      cuda=vjp_of(_conv2d_space_to_depth), default=vjp_of(_conv2d))
+      cuda=_autodiff_vjp(_conv2d_space_to_depth, stride),
+      default=_autodiff_vjp(_conv2d, stride))
 
 
 # On CPU the stem's weight gradient is summed over chunks of about this many input pixels
@@ -182,10 +184,9 @@ def _conv_vjp_weight_grad_in_chunks(x: jax.Array, kernel: jax.Array, grad: jax.A
   XLA:CPU runs a few-channel conv's weight gradient as one single-threaded op whose
   working set (all frames) overflows the cache. Chunks of ~100k pixels (at most
   `cpu_chunks.MAX_CHUNKS` of them) each fit a core's L2 (XLA may also run the
-  independent chunks side by side; in the demo step they ran
-  one after another): the demo's stem (256 frames of 56 x 56) 15-22 -> 8.4 ms alone
-  (32-frame chunks), 112 x 112 frames to 64 channels 376 -> 103 ms (8-frame chunks);
-  docs/performance.md.
+  independent chunks side by side; in the demo step they ran one after another): the
+  demo's stem (256 frames of 56 x 56) 15-22 -> 8.4 ms alone (32-frame chunks), 112 x 112
+  frames to 64 channels 376 -> 103 ms (8-frame chunks); docs/performance.md.
   """
   num, height, width, _ = x.shape
   chunk = cpu_chunks.chunk_size(num, height * width,
@@ -254,12 +255,9 @@ def _strided_conv_fwd(x, kernel, stride):
 
 def _strided_conv_bwd(stride, residuals, grad):
   x, kernel = residuals
-
-  def plain(x, kernel, grad):
-    return jax.vjp(functools.partial(_conv2d, stride=stride), x, kernel)[1](grad)
-
   by_taps = functools.partial(_strided_conv_vjp_by_taps, stride=stride)
-  return jax.lax.platform_dependent(x, kernel, grad, cpu=by_taps, default=plain)
+  return jax.lax.platform_dependent(x, kernel, grad, cpu=by_taps,
+                                    default=_autodiff_vjp(_conv2d, stride))
 
 
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
