@@ -24,7 +24,8 @@ gives is conservative for JAX.
 
 Never imported by the `tcvm_jax` package. Run by scripts/benchmark.py in its own process
 (`python benchmarks/torch_reference.py --spec=FILE --json=FILE`), so that PyTorch and JAX
-never share a GPU's memory or its CUDA libraries.
+never share a GPU's memory or its CUDA libraries; `--serve` (for benchmark.py --interleave)
+keeps the process and times one step per request.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TextIO
 
 import torch
 from torch import nn
@@ -509,12 +510,48 @@ def benchmark_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "
   }
 
 
+def serve_steps(step: ReferenceStep, *, warmup: int, commands: TextIO,
+                replies: TextIO) -> int:
+  """Runs one timed step per "step" line read from `commands`, replying its seconds.
+
+  For a parent process that alternates its own JAX steps with these (benchmark.py
+  --interleave): the two steps see the same load from other jobs on a shared host, and
+  each keeps its own process, heap and thread pools. In one process, PyTorch's step ran
+  6-30 % slower once an XLA:CPU program had been compiled beside it (docs/performance.md).
+  Replies "ready" after the warm-up; stops at end of input or "stop". Returns the number
+  of timed steps.
+  """
+  run = step.eager_run
+  for _ in range(warmup):
+    run()
+  step.synchronize()
+  print("ready", file=replies, flush=True)
+  count = 0
+  for line in commands:
+    command = line.strip()
+    if command == "stop":
+      break
+    if command != "step":
+      raise ValueError(f"unknown command {command!r}; expected 'step' or 'stop'.")
+    start = time.perf_counter()
+    run()
+    step.synchronize()
+    print(repr(time.perf_counter() - start), file=replies, flush=True)
+    count += 1
+  return count
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--spec", required=True, help="JSON file: ReferenceSpec fields plus "
                       "batch_size, dtype, steps, warmup, compile_model.")
-  parser.add_argument("--json", required=True, help="where to write the figures.")
+  parser.add_argument("--json", help="where to write the figures (timed run).")
+  parser.add_argument("--serve", action="store_true", help="build the eager step, warm it "
+                      "up, then time one step per 'step' line on stdin and print its seconds "
+                      "(see serve_steps).")
   args = parser.parse_args(argv)
+  if not (args.serve or args.json):
+    parser.error("give --json=FILE, or --serve.")
   with open(args.spec) as f:
     request = json.load(f)
   if request.pop("retain_host_memory", False):
@@ -525,6 +562,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   run_kwargs = {key: request.pop(key) for key in
                 ("batch_size", "dtype", "steps", "warmup", "compile_model") if key in request}
   spec = ReferenceSpec(**request)
+  if args.serve:
+    step = build_train_step(spec, batch_size=run_kwargs["batch_size"],
+                            dtype=run_kwargs.get("dtype", "float32"))
+    serve_steps(step, warmup=run_kwargs.get("warmup", 2), commands=sys.stdin,
+                replies=sys.stdout)
+    return 0
   figures = benchmark_train_step(spec, **run_kwargs)
   with open(args.json, "w") as f:
     json.dump(figures, f, indent=1)

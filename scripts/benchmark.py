@@ -20,9 +20,12 @@ videos/s is conservative for JAX (`torch_ratio_without_montage` subtracts the mo
 time from the JAX step; `torch_ratio_min` compares the fastest steps, steadier on a shared
 CPU host). bf16 autocast when --dtype=bfloat16, channels-last(-3d) memory;
 --torch_compile adds a torch.compile run (own process) and the faster run counts.
---interleave=N (CPU) alternates N JAX steps, N JAX steps without the montage (on float
-pseudo-videos, like the torch step: `ratio_model_only`) and N eager torch steps in one
-process, so all see the same load from other jobs on a shared host.
+--interleave=N (CPU) runs N rounds of: --interleave_block JAX steps, as many JAX steps
+without the montage (on float pseudo-videos, like the torch step: `ratio_model_only`) and
+as many eager torch steps, so all see the same load from other jobs on a shared host. The
+torch steps run in a server process of their own (torch_reference.py --serve), and the
+first step of each block is not counted (cold caches): sharing this process slowed
+PyTorch's step by 6-30 % (docs/performance.md).
 --reuse_jax_json=FILE skips JAX and takes its figures from an earlier run's JSON (for a
 later torch.compile-only run on the same machine). Parameter counts of the two models are
 printed and must be equal (exit code 1 otherwise).
@@ -77,9 +80,14 @@ _SCALING_TIMEOUT = flags.DEFINE_integer("scaling_timeout_s", 900, "Per scaling r
 _INPUT_PIPELINE = flags.DEFINE_bool("input_pipeline", False,
                                     "Also measure decoded clips/s per CPU core.")
 _INTERLEAVE = flags.DEFINE_integer(
-    "interleave", 0, "CPU only: also alternate this many JAX, JAX-without-montage and (eager) "
-    "torch steps in ONE process, so all see the same load from other jobs on a shared host; "
-    "reported as `interleaved`. 0: off.")
+    "interleave", 0, "CPU only: also alternate this many rounds of JAX, JAX-without-montage "
+    "and (eager) torch steps, --interleave_block steps of each per round (torch in a server "
+    "process of its own), so all see the same load from other jobs on a shared host; "
+    "reported as `interleaved`. 0: off.", lower_bound=0)
+_INTERLEAVE_BLOCK = flags.DEFINE_integer(
+    "interleave_block", 4, "Steps of each kind per --interleave round; the first of each "
+    "block is not counted (it starts with the caches the other program left).",
+    lower_bound=2)
 _REUSE_JAX_JSON = flags.DEFINE_string(
     "reuse_jax_json", None, "Skip the JAX step and take its figures from this earlier JSON "
     "(same config): for a later torch-only run, e.g. --torch_compile --notorch_eager.")
@@ -351,8 +359,65 @@ def reused_jax_section(path: str, config) -> dict[str, Any]:
   return keep
 
 
-def run_interleaved(config, *, steps: int, warmup: int) -> dict[str, Any]:
-  """JAX step, torch step, JAX step, ... in this process (CPU only; see --interleave)."""
+class TorchStepServer:
+  """A benchmarks/torch_reference.py --serve process: one timed eager step per request.
+
+  Its own process, not torch imported here: in one process PyTorch's CPU step ran 6-30 %
+  slower once the JAX program was compiled beside it (a shared heap; docs/performance.md),
+  which flattered JAX's ratio by as much.
+  """
+
+  def __init__(self, request: dict[str, Any], timeout_s: int):
+    self._timeout_s = timeout_s
+    self._tmp = tempfile.TemporaryDirectory()
+    spec_path = os.path.join(self._tmp.name, "spec.json")
+    with open(spec_path, "w") as f:
+      json.dump(request, f)
+    self._process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "torch_reference.py"),
+         f"--spec={spec_path}", "--serve"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    self._expect("ready")
+
+  def _expect(self, what: str) -> str:
+    line = self._process.stdout.readline().strip()
+    if not line:
+      code = self._process.wait(timeout=self._timeout_s)
+      raise RuntimeError(f"torch reference server exited (code {code}) waiting for {what}; "
+                         "its error is printed above.")
+    if what == "ready" and line != "ready":
+      raise RuntimeError(f"torch reference server said {line!r}, expected 'ready'.")
+    return line
+
+  def step(self) -> float:
+    """Seconds the server's step took, timed in the server."""
+    self._process.stdin.write("step\n")
+    self._process.stdin.flush()
+    return float(self._expect("a step time"))
+
+  def close(self) -> None:
+    if self._process.poll() is None:
+      try:
+        self._process.stdin.write("stop\n")
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
+      except (BrokenPipeError, subprocess.TimeoutExpired):
+        self._process.kill()
+    self._tmp.cleanup()
+
+
+def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: int,
+                    retain_host_memory: bool) -> dict[str, Any]:
+  """Rounds of `block` JAX steps, JAX steps without montage, torch steps (CPU; --interleave).
+
+  The torch steps run in a server process (TorchStepServer) between ours, so both see the
+  same load from other jobs while keeping their own heaps (in this process PyTorch's step
+  ran 6-30 % slower). The first step of each block is not counted: it starts with caches
+  full of the other program's data (kept as `first_in_block_step_times_s`).
+  """
+  if rounds < 1 or block < 2:
+    raise ValueError(f"--interleave ({rounds}) must be >= 1 and --interleave_block ({block}) "
+                     ">= 2 (the first step of each block is not counted).")
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np
   from benchmarks import jax_step
@@ -361,43 +426,57 @@ def run_interleaved(config, *, steps: int, warmup: int) -> dict[str, Any]:
     return {"skipped": "--interleave is for CPU hosts; on a GPU the two would share it."}
   if importlib.util.find_spec("torch") is None:
     return {"skipped": "torch is not importable; --interleave skipped."}
-  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
 
-  spec = torch_reference.ReferenceSpec(**benchmarks.torch_reference_spec(config))
-  torch_step = torch_reference.build_train_step(spec, batch_size=config.batch_size,
-                                                dtype=config.model.dtype, device="cpu")
-  jax_compiled = jax_step.CompiledStep(config)
-  # Like for like: the JAX step without the montage, on float pseudo-videos as torch's.
-  jax_model_only = jax_step.CompiledStep(config, without_montage=True)
+  request = dict(benchmarks.torch_reference_spec(config), batch_size=config.batch_size,
+                 dtype=config.model.dtype, warmup=warmup,
+                 retain_host_memory=retain_host_memory)
+  try:
+    torch_server = TorchStepServer(request, timeout_s)
+  except RuntimeError as error:
+    return {"skipped": f"--interleave: {error}"}
+  try:
+    jax_compiled = jax_step.CompiledStep(config)
+    # Like for like: the JAX step without the montage, on float pseudo-videos as torch's.
+    jax_model_only = jax_step.CompiledStep(config, without_montage=True)
 
-  def timed(run):
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-  runs = {"jax": jax_compiled.run_blocking, "jax_model_only": jax_model_only.run_blocking,
-          "torch": lambda: float(torch_step.run())}  # float() waits for the loss
-  for _ in range(warmup):
-    for run in runs.values():
+    def timed(run):
+      start = time.perf_counter()
       run()
-  times = {name: [] for name in runs}
-  for _ in range(steps):
-    for name, run in runs.items():
-      times[name].append(timed(run))
+      return time.perf_counter() - start
+
+    runs = {"jax": lambda: timed(jax_compiled.run_blocking),
+            "jax_model_only": lambda: timed(jax_model_only.run_blocking),
+            "torch": torch_server.step}
+    for _ in range(warmup):
+      for name in ("jax", "jax_model_only"):
+        runs[name]()
+    times = {name: [] for name in runs}
+    first_in_block = {name: [] for name in runs}
+    for _ in range(rounds):
+      for name, run in runs.items():
+        # Not counted: it starts with the caches the other program left.
+        first_in_block[name].append(run())
+        times[name].extend(run() for _ in range(block - 1))
+  finally:
+    torch_server.close()
   medians = {name: float(np.median(values)) for name, values in times.items()}
   return {
-      "steps": steps,
+      "rounds": rounds,
+      "block": block,
+      "steps_counted": rounds * (block - 1),
+      "torch_process": "separate (benchmarks/torch_reference.py --serve)",
       "jax_step_time_s": medians["jax"],
       "jax_model_only_step_time_s": medians["jax_model_only"],
       "torch_step_time_s": medians["torch"],
       "jax_step_times_s": times["jax"],
       "jax_model_only_step_times_s": times["jax_model_only"],
       "torch_step_times_s": times["torch"],
+      "first_in_block_step_times_s": first_in_block,
       # jax videos/s over torch videos/s, as torch_ratio: the whole JAX step, and the JAX
       # step without its montage (the same work as the torch step).
       "ratio": medians["torch"] / medians["jax"],
       "ratio_model_only": medians["torch"] / medians["jax_model_only"],
-      # Per adjacent pair of steps, then the median: steadier when the load drifts.
+      # Per adjacent pair of counted steps, then the median: steadier when the load drifts.
       "ratio_per_pair_median": float(np.median(np.array(times["torch"])
                                                / np.array(times["jax"]))),
       "ratio_model_only_per_pair_median": float(np.median(
@@ -484,8 +563,12 @@ def main(argv: Sequence[str]) -> int:
 
   interleaved = None
   if _INTERLEAVE.value:
-    log(f"interleaving {_INTERLEAVE.value} JAX and torch steps in one process ...")
-    interleaved = run_interleaved(config, steps=_INTERLEAVE.value, warmup=_WARMUP.value)
+    log(f"interleaving {_INTERLEAVE.value} rounds of {_INTERLEAVE_BLOCK.value} JAX and torch "
+        "steps (torch in its own process) ...")
+    interleaved = run_interleaved(config, rounds=_INTERLEAVE.value,
+                                  block=_INTERLEAVE_BLOCK.value, warmup=_WARMUP.value,
+                                  timeout_s=_TORCH_TIMEOUT.value,
+                                  retain_host_memory=host_memory_retained)
     if "skipped" in interleaved:
       notes.append(interleaved["skipped"])
 

@@ -303,3 +303,57 @@ def test_torch_benchmark_step_runs():
   assert math.isfinite(figures["final_loss"])
   with pytest.raises(ValueError, match="dtype"):
     torch_reference.benchmark_train_step(spec, batch_size=2, dtype="float16")
+
+
+def test_torch_step_server_times_one_step_per_request():
+  """serve_steps: "ready" after the warm-up, one positive time per "step", stops on "stop";
+  an unknown request is an error, not a silent skip."""
+  import io  # pylint: disable=g-import-not-at-top
+  step = torch_reference.build_train_step(_reference_spec(_tiny_config()), batch_size=2)
+  replies = io.StringIO()
+  count = torch_reference.serve_steps(step, warmup=1, commands=io.StringIO(
+      "step\nstep\nstop\nstep\n"), replies=replies)
+  lines = replies.getvalue().splitlines()
+  assert count == 2 and lines[0] == "ready" and len(lines) == 3
+  assert all(float(line) > 0 for line in lines[1:])
+  with pytest.raises(ValueError, match="unknown command"):
+    torch_reference.serve_steps(step, warmup=0, commands=io.StringIO("go\n"),
+                                replies=io.StringIO())
+
+
+def test_torch_step_server_process(tmp_path):
+  """The --serve command line as benchmark.py --interleave drives it."""
+  request = dict(benchmarks.torch_reference_spec(_tiny_config()), batch_size=2,
+                 dtype="float32", warmup=1)
+  spec_path = tmp_path / "spec.json"
+  spec_path.write_text(json.dumps(request))
+  completed = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "torch_reference.py"),
+       f"--spec={spec_path}", "--serve"], input="step\nstep\nstep\n", capture_output=True,
+      text=True, timeout=600, check=True)
+  lines = completed.stdout.split()
+  assert lines[0] == "ready" and len(lines) == 4 and all(float(t) > 0 for t in lines[1:])
+
+
+def test_benchmark_interleaves_torch_in_its_own_process(tmp_path):
+  """--interleave: rounds of blocks, the first step of each block kept apart, torch served
+  by its own process; a block of 1 (nothing counted) is refused."""
+  json_path = tmp_path / "bench.json"
+  script = os.path.join(REPO_ROOT, "scripts", "benchmark.py")
+  base = [sys.executable, script, *TINY_BENCHMARK_OVERRIDES, "--batch_size=2", "--steps=1",
+          "--warmup=0", "--no_torch", "--interleave=2", f"--json={json_path}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
+  refused = subprocess.run([*base, "--interleave_block=1"], capture_output=True, text=True,
+                           env=env, cwd=REPO_ROOT, timeout=600)
+  assert refused.returncode != 0 and "interleave_block" in refused.stderr
+  completed = subprocess.run([*base, "--interleave_block=3"], capture_output=True, text=True,
+                             env=env, cwd=REPO_ROOT, timeout=900)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  interleaved = json.loads(json_path.read_text())["interleaved"]
+  assert interleaved["torch_process"].startswith("separate")
+  assert interleaved["rounds"] == 2 and interleaved["steps_counted"] == 4
+  for name in ("jax", "jax_model_only", "torch"):
+    assert len(interleaved[f"{name}_step_times_s"]) == 4
+    assert len(interleaved["first_in_block_step_times_s"][name]) == 2
+  assert interleaved["ratio"] == pytest.approx(
+      interleaved["torch_step_time_s"] / interleaved["jax_step_time_s"])
