@@ -377,7 +377,11 @@ class TorchStepServer:
         [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "torch_reference.py"),
          f"--spec={spec_path}", "--serve"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-    self._expect("ready")
+    try:
+      self._expect("ready")
+    except RuntimeError:
+      self.close()
+      raise
 
   def _expect(self, what: str) -> str:
     line = self._process.stdout.readline().strip()
@@ -399,10 +403,16 @@ class TorchStepServer:
     if self._process.poll() is None:
       try:
         self._process.stdin.write("stop\n")
-        self._process.stdin.close()
+        self._process.stdin.flush()
         self._process.wait(timeout=60)
       except (BrokenPipeError, subprocess.TimeoutExpired):
         self._process.kill()
+        self._process.wait()
+    for stream in (self._process.stdin, self._process.stdout):
+      try:
+        stream.close()
+      except BrokenPipeError:
+        pass
     self._tmp.cleanup()
 
 

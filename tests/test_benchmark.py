@@ -357,3 +357,17 @@ def test_benchmark_interleaves_torch_in_its_own_process(tmp_path):
     assert len(interleaved["first_in_block_step_times_s"][name]) == 2
   assert interleaved["ratio"] == pytest.approx(
       interleaved["torch_step_time_s"] / interleaved["jax_step_time_s"])
+
+
+def test_torch_step_server_reports_a_failed_start(capfd):
+  """A server that dies before "ready" is an error naming the exit, not a hang."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  module_spec = importlib.util.spec_from_file_location(
+      "benchmark_script", os.path.join(REPO_ROOT, "scripts", "benchmark.py"))
+  script = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(script)
+  request = dict(benchmarks.torch_reference_spec(_tiny_config()), batch_size=0,
+                 dtype="float32", warmup=0)
+  with pytest.raises(RuntimeError, match="exited"):
+    script.TorchStepServer(request, timeout_s=300)
+  assert "batch_size" in capfd.readouterr().err  # the server's own message reaches stderr
