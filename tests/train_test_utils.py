@@ -22,6 +22,22 @@ TINY_BENCHMARK_OVERRIDES = [
     "--config.data.num_frames=8", "--config.montage.num_clips=2",
     "--config.data.input_size=40", "--config.montage.output_size=32",
     "--config.model.ofc_hidden_dim=32", "--config.model.ofc_dim=16"]
+
+
+def tiny_benchmark_config(backbone: str = "r3d_tiny") -> ml_collections.ConfigDict:
+  """The config TINY_BENCHMARK_OVERRIDES describe, as an object."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config("demo")
+  config.data.num_frames = 8
+  config.montage.num_clips = 2
+  config.data.input_size = 40
+  config.montage.output_size = 32
+  config.model.ofc_hidden_dim = 32
+  config.model.ofc_dim = 16
+  config.model.backbone = backbone
+  return config
+
+
 # For tests that check what a benchmark reports, not its speed: compile fast.
 FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
                           "--xla_llvm_disable_expensive_passes=true")
