@@ -58,6 +58,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 import benchmarks
 from benchmarks import step_flags  # defines --config, --batch_size, --dtype, --host_memory
+from benchmarks import torch_process
 from tcvm_jax import host_memory
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
@@ -97,28 +98,6 @@ def log(message: str) -> None:
   print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def _run_torch_child(request: dict[str, Any], timeout_s: int) -> dict[str, Any]:
-  """One benchmarks/torch_reference.py process; {'skipped': why} when it fails."""
-  with tempfile.TemporaryDirectory() as tmp:
-    spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
-    with open(spec_path, "w") as f:
-      json.dump(request, f)
-    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "torch_reference.py"),
-               f"--spec={spec_path}", f"--json={result_path}"]
-    try:
-      completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-      return {"skipped": f"torch reference (compile={request['compile_model']}) did not "
-                         f"finish in {timeout_s} s."}
-    if completed.stderr.strip():
-      print(completed.stderr[-3000:], file=sys.stderr)
-    if completed.returncode != 0 or not os.path.exists(result_path):
-      return {"skipped": f"torch reference failed (exit {completed.returncode}): "
-                         f"{completed.stderr.strip()[-500:]}"}
-    with open(result_path) as f:
-      return json.load(f)
-
-
 def run_torch_reference(config, *, steps: int, warmup: int, eager: bool, compiled: bool,
                         timeout_s: int, retain_host_memory: bool = False) -> dict[str, Any]:
   """The PyTorch reference, eager and/or torch.compile'd, each in its own process.
@@ -135,10 +114,10 @@ def run_torch_reference(config, *, steps: int, warmup: int, eager: bool, compile
                  retain_host_memory=retain_host_memory)
   runs = {}
   if eager:
-    runs["eager"] = _run_torch_child(request, timeout_s)
+    runs["eager"] = torch_process.run_once(request, timeout_s)
   if compiled:
     log("PyTorch reference under torch.compile ...")
-    runs["compiled"] = _run_torch_child(dict(request, compile_model=True), timeout_s)
+    runs["compiled"] = torch_process.run_once(dict(request, compile_model=True), timeout_s)
   good = {mode: run for mode, run in runs.items()
           if "skipped" not in run and (mode == "eager" or run.get("compiled"))}
   if not good:
@@ -359,68 +338,11 @@ def reused_jax_section(path: str, config) -> dict[str, Any]:
   return keep
 
 
-class TorchStepServer:
-  """A benchmarks/torch_reference.py --serve process: one timed eager step per request.
-
-  Its own process, not torch imported here: in one process PyTorch's CPU step ran 6-30 %
-  slower once the JAX program was compiled beside it (a shared heap; docs/performance.md),
-  which flattered JAX's ratio by as much.
-  """
-
-  def __init__(self, request: dict[str, Any], timeout_s: int):
-    self._timeout_s = timeout_s
-    self._tmp = tempfile.TemporaryDirectory()
-    spec_path = os.path.join(self._tmp.name, "spec.json")
-    with open(spec_path, "w") as f:
-      json.dump(request, f)
-    self._process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "torch_reference.py"),
-         f"--spec={spec_path}", "--serve"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-    try:
-      self._expect("ready")
-    except RuntimeError:
-      self.close()
-      raise
-
-  def _expect(self, what: str) -> str:
-    line = self._process.stdout.readline().strip()
-    if not line:
-      code = self._process.wait(timeout=self._timeout_s)
-      raise RuntimeError(f"torch reference server exited (code {code}) waiting for {what}; "
-                         "its error is printed above.")
-    if what == "ready" and line != "ready":
-      raise RuntimeError(f"torch reference server said {line!r}, expected 'ready'.")
-    return line
-
-  def step(self) -> float:
-    """Seconds the server's step took, timed in the server."""
-    self._process.stdin.write("step\n")
-    self._process.stdin.flush()
-    return float(self._expect("a step time"))
-
-  def close(self) -> None:
-    if self._process.poll() is None:
-      try:
-        self._process.stdin.write("stop\n")
-        self._process.stdin.flush()
-        self._process.wait(timeout=60)
-      except (BrokenPipeError, subprocess.TimeoutExpired):
-        self._process.kill()
-        self._process.wait()
-    for stream in (self._process.stdin, self._process.stdout):
-      try:
-        stream.close()
-      except BrokenPipeError:
-        pass
-    self._tmp.cleanup()
-
-
 def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: int,
                     retain_host_memory: bool) -> dict[str, Any]:
   """Rounds of `block` JAX steps, JAX steps without montage, torch steps (CPU; --interleave).
 
-  The torch steps run in a server process (TorchStepServer) between ours, so both see the
+  The torch steps run in a server process (benchmarks/torch_process.py) between ours, so both see the
   same load from other jobs while keeping their own heaps (in this process PyTorch's step
   ran 6-30 % slower). The first step of each block is not counted: it starts with caches
   full of the other program's data (kept as `first_in_block_step_times_s`).
@@ -441,7 +363,7 @@ def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: 
                  dtype=config.model.dtype, warmup=warmup,
                  retain_host_memory=retain_host_memory)
   try:
-    torch_server = TorchStepServer(request, timeout_s)
+    torch_server = torch_process.TorchStepServer(request, timeout_s)
   except RuntimeError as error:
     return {"skipped": f"--interleave: {error}"}
   try:

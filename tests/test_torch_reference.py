@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import benchmarks
-from benchmarks import jax_step
+from benchmarks import jax_step, torch_process
 from configs import pretrain
 from tcvm_jax import losses
 from tcvm_jax.model import build_model
@@ -161,20 +161,6 @@ def test_torch_step_server_times_one_step_per_request():
                                 replies=io.StringIO())
 
 
-def test_torch_step_server_process(tmp_path):
-  """The --serve command line as benchmark.py --interleave drives it."""
-  request = dict(benchmarks.torch_reference_spec(tiny_benchmark_config()), batch_size=2,
-                 dtype="float32", warmup=1)
-  spec_path = tmp_path / "spec.json"
-  spec_path.write_text(json.dumps(request))
-  completed = subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "torch_reference.py"),
-       f"--spec={spec_path}", "--serve"], input="step\nstep\nstep\n", capture_output=True,
-      text=True, timeout=600, check=True)
-  lines = completed.stdout.split()
-  assert lines[0] == "ready" and len(lines) == 4 and all(float(t) > 0 for t in lines[1:])
-
-
 def test_benchmark_interleaves_torch_in_its_own_process(tmp_path):
   """--interleave: rounds of blocks, the first step of each block kept apart, torch served
   by its own process; a block of 1 (nothing counted) is refused."""
@@ -201,13 +187,20 @@ def test_benchmark_interleaves_torch_in_its_own_process(tmp_path):
 
 def test_torch_step_server_reports_a_failed_start(capfd):
   """A server that dies before "ready" is an error naming the exit, not a hang."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  module_spec = importlib.util.spec_from_file_location(
-      "benchmark_script", os.path.join(REPO_ROOT, "scripts", "benchmark.py"))
-  script = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(script)
   request = dict(benchmarks.torch_reference_spec(tiny_benchmark_config()), batch_size=0,
                  dtype="float32", warmup=0)
   with pytest.raises(RuntimeError, match="exited"):
-    script.TorchStepServer(request, timeout_s=300)
+    torch_process.TorchStepServer(request, timeout_s=300)
   assert "batch_size" in capfd.readouterr().err  # the server's own message reaches stderr
+
+
+def test_torch_step_server_serves_steps():
+  request = dict(benchmarks.torch_reference_spec(tiny_benchmark_config()), batch_size=2,
+                 dtype="float32", warmup=1)
+  server = torch_process.TorchStepServer(request, timeout_s=300)
+  try:
+    times = [server.step() for _ in range(3)]
+  finally:
+    server.close()
+  assert all(t > 0 for t in times)
+  assert server._process.returncode == 0  # pylint: disable=protected-access  # "stop" ended it
