@@ -342,9 +342,9 @@ def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: 
                     retain_host_memory: bool) -> dict[str, Any]:
   """Rounds of `block` JAX steps, JAX steps without montage, torch steps (CPU; --interleave).
 
-  The torch steps run in a server process (benchmarks/torch_process.py) between ours, so both see the
-  same load from other jobs while keeping their own heaps (in this process PyTorch's step
-  ran 6-30 % slower). The first step of each block is not counted: it starts with caches
+  The torch steps run in a server process (benchmarks/torch_process.py) between ours, so
+  both see the same load from other jobs while keeping their own heaps (in this process
+  PyTorch's step ran 6-30 % slower). The first step of each block is not counted: it starts with caches
   full of the other program's data (kept as `first_in_block_step_times_s`).
   """
   if rounds < 1 or block < 2:
