@@ -344,8 +344,9 @@ def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: 
 
   The torch steps run in a server process (benchmarks/torch_process.py) between ours, so
   both see the same load from other jobs while keeping their own heaps (in this process
-  PyTorch's step ran 6-30 % slower). The first step of each block is not counted: it starts with caches
-  full of the other program's data (kept as `first_in_block_step_times_s`).
+  PyTorch's step ran 6-30 % slower). The first step of each block is not counted: it
+  starts with caches full of the other program's data (kept as
+  `first_in_block_step_times_s`).
   """
   if rounds < 1 or block < 2:
     raise ValueError(f"--interleave ({rounds}) must be >= 1 and --interleave_block ({block}) "
