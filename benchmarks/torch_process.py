@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,7 @@ class TorchStepServer:
   For benchmark.py --interleave, which alternates these steps with its own JAX steps.
   """
 
-  def __init__(self, request: dict[str, Any], timeout_s: int):
+  def __init__(self, request: dict[str, Any], timeout_s: float):
     self._timeout_s = timeout_s
     self._tmp = tempfile.TemporaryDirectory()
     spec_path = os.path.join(self._tmp.name, "spec.json")
@@ -60,6 +61,13 @@ class TorchStepServer:
       raise
 
   def _expect(self, what: str) -> str:
+    # Replies are single lines, so nothing sits in the pipe's read buffer between them and
+    # select() on the descriptor sees every reply.
+    readable, _, _ = select.select([self._process.stdout], [], [], self._timeout_s)
+    if not readable:
+      self._process.kill()
+      raise RuntimeError(f"torch reference server sent no {what} in {self._timeout_s} s; "
+                         "killed.")
     line = self._process.stdout.readline().strip()
     if not line:
       code = self._process.wait(timeout=self._timeout_s)
@@ -71,8 +79,11 @@ class TorchStepServer:
 
   def step(self) -> float:
     """Seconds the server's step took, timed in the server."""
-    self._process.stdin.write("step\n")
-    self._process.stdin.flush()
+    try:
+      self._process.stdin.write("step\n")
+      self._process.stdin.flush()
+    except BrokenPipeError:
+      pass  # it has exited: _expect reads the end of its output and says so
     return float(self._expect("a step time"))
 
   def close(self) -> None:

@@ -390,6 +390,8 @@ def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: 
         # Not counted: it starts with the caches the other program left.
         first_in_block[name].append(run())
         times[name].extend(run() for _ in range(block - 1))
+  except RuntimeError as error:  # the torch server died or stopped answering
+    return {"skipped": f"--interleave: {error}"}
   finally:
     torch_server.close()
   medians = {name: float(np.median(values)) for name, values in times.items()}

@@ -204,3 +204,25 @@ def test_torch_step_server_serves_steps():
     server.close()
   assert all(t > 0 for t in times)
   assert server._process.returncode == 0  # pylint: disable=protected-access  # "stop" ended it
+
+
+def test_torch_step_server_that_dies_mid_run_is_an_error():
+  request = dict(benchmarks.torch_reference_spec(tiny_benchmark_config()), batch_size=2,
+                 dtype="float32", warmup=0)
+  server = torch_process.TorchStepServer(request, timeout_s=300)
+  try:
+    server.step()
+    server._process.kill()  # pylint: disable=protected-access
+    server._process.wait()  # pylint: disable=protected-access
+    with pytest.raises(RuntimeError, match="exited"):
+      server.step()
+  finally:
+    server.close()
+
+
+def test_torch_step_server_that_does_not_answer_is_killed():
+  # 50 ms is far less than importing torch takes: no "ready" in time.
+  request = dict(benchmarks.torch_reference_spec(tiny_benchmark_config()), batch_size=2,
+                 dtype="float32", warmup=0)
+  with pytest.raises(RuntimeError, match="sent no ready in 0.05 s"):
+    torch_process.TorchStepServer(request, timeout_s=0.05)
