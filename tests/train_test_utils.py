@@ -15,25 +15,22 @@ import ml_collections
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(REPO_ROOT, "tests", "train_helper.py")
-# The demo config shrunk to a few-second step (8 frames in 2 clips, 32 px), as command-line
-# overrides for scripts/benchmark.py and the tools that run it.
+# The demo config shrunk to a few-second step (8 frames in 2 clips, 32 px): the fields,
+# then the same as command-line overrides for scripts/benchmark.py and the tools that run it.
+TINY_BENCHMARK_FIELDS = {
+    "data.num_frames": 8, "montage.num_clips": 2, "data.input_size": 40,
+    "montage.output_size": 32, "model.ofc_hidden_dim": 32, "model.ofc_dim": 16}
 TINY_BENCHMARK_OVERRIDES = [
     "--config=" + os.path.join(REPO_ROOT, "configs", "pretrain.py") + ":demo",
-    "--config.data.num_frames=8", "--config.montage.num_clips=2",
-    "--config.data.input_size=40", "--config.montage.output_size=32",
-    "--config.model.ofc_hidden_dim=32", "--config.model.ofc_dim=16"]
+    *(f"--config.{field}={value}" for field, value in TINY_BENCHMARK_FIELDS.items())]
 
 
 def tiny_benchmark_config(backbone: str = "r3d_tiny") -> ml_collections.ConfigDict:
   """The config TINY_BENCHMARK_OVERRIDES describe, as an object."""
   from configs import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config("demo")
-  config.data.num_frames = 8
-  config.montage.num_clips = 2
-  config.data.input_size = 40
-  config.montage.output_size = 32
-  config.model.ofc_hidden_dim = 32
-  config.model.ofc_dim = 16
+  for field, value in TINY_BENCHMARK_FIELDS.items():
+    set_field(config, field, value)
   config.model.backbone = backbone
   return config
 
