@@ -14,6 +14,8 @@ that drifts during the run favours no variant. Prints each variant's step time (
 and back to back, per round) and its ratio to the first variant; --json keeps it all.
 A variant whose flags this jaxlib does not know fails alone (XLA aborts that process).
 Imports neither JAX nor TensorFlow itself: runs wherever scripts/benchmark.py runs.
+Processes on a shared host drift by 10-30 % from one to the next: for options XLA reads
+per compilation, benchmarks/options_ab.py compares the variants in one process instead.
 """
 
 from __future__ import annotations
@@ -28,22 +30,11 @@ import tempfile
 from typing import Any, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
 BENCHMARK = os.path.join(REPO_ROOT, "scripts", "benchmark.py")
 
-
-def parse_variant(text: str) -> tuple[str, str]:
-  """'NAME=FLAGS' -> (NAME, FLAGS); FLAGS may be empty and may contain '='."""
-  name, separator, flags = text.partition("=")
-  if not separator or not name:
-    raise argparse.ArgumentTypeError(f"--variant={text!r}: expected NAME=FLAGS (FLAGS may "
-                                     f"be empty for the baseline).")
-  return name, flags.strip()
-
-
-def round_order(variants: Sequence[tuple[str, str]], round_index: int
-                ) -> list[tuple[str, str]]:
-  """Listed order on rounds 0, 2, ...; reversed on rounds 1, 3, ..."""
-  return list(variants) if round_index % 2 == 0 else list(reversed(variants))
+from benchmarks.ab_rounds import parse_variant, round_order  # pylint: disable=g-import-not-at-top
 
 
 def run_variant(flags: str, benchmark_args: Sequence[str], timeout_s: int

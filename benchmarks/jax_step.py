@@ -181,9 +181,11 @@ class CompiledStep:
   carries is donated and replaced each time. `without_montage=True` compiles the step
   after the montage instead (`train_step.make_update_step`), fed the same float
   pseudo-videos every time, made once by the montage: what the PyTorch reference times.
+  `compiler_options` go to XLA's compile (its debug options, as named in XLA_FLAGS).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, *, without_montage: bool = False):
+  def __init__(self, config: ml_collections.ConfigDict, *, without_montage: bool = False,
+               compiler_options: dict[str, Any] | None = None):
     self.mesh = mesh_lib.create_mesh()
     mesh_lib.check_batch_divisible(config.batch_size, self.mesh)
     # The schedule's value does not change the work per step; any horizon will do.
@@ -205,7 +207,8 @@ class CompiledStep:
           train_step_lib.make_train_step(config, graphdef, self.mesh, optimizer, schedule),
           self.mesh)
     start = time.perf_counter()
-    self.compiled = step_fn.lower(self.state, *self.inputs).compile()
+    self.compiled = step_fn.lower(self.state, *self.inputs).compile(
+        compiler_options=compiler_options)
     self.compile_time_s = time.perf_counter() - start
 
   def run(self) -> dict[str, jax.Array]:

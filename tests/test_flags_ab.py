@@ -10,24 +10,24 @@ import sys
 
 import pytest
 
-from benchmarks import flags_ab
+from benchmarks import ab_rounds, flags_ab
 from train_test_utils import FAST_COMPILE_XLA_FLAGS, REPO_ROOT, TINY_BENCHMARK_OVERRIDES
 
 
 def test_parse_variant():
-  assert flags_ab.parse_variant("base=") == ("base", "")
-  assert flags_ab.parse_variant("nhwc=--xla_gpu_force_conv_nhwc=true") == (
+  assert ab_rounds.parse_variant("base=") == ("base", "")
+  assert ab_rounds.parse_variant("nhwc=--xla_gpu_force_conv_nhwc=true") == (
       "nhwc", "--xla_gpu_force_conv_nhwc=true")
   for bad in ("noflags", "=--x=1"):
     with pytest.raises(argparse.ArgumentTypeError):
-      flags_ab.parse_variant(bad)
+      ab_rounds.parse_variant(bad)
 
 
 def test_rounds_alternate_the_order():
   variants = [("a", ""), ("b", "-x"), ("c", "-y")]
-  assert [n for n, _ in flags_ab.round_order(variants, 0)] == ["a", "b", "c"]
-  assert [n for n, _ in flags_ab.round_order(variants, 1)] == ["c", "b", "a"]
-  assert [n for n, _ in flags_ab.round_order(variants, 2)] == ["a", "b", "c"]
+  assert [n for n, _ in ab_rounds.round_order(variants, 0)] == ["a", "b", "c"]
+  assert [n for n, _ in ab_rounds.round_order(variants, 1)] == ["c", "b", "a"]
+  assert [n for n, _ in ab_rounds.round_order(variants, 2)] == ["a", "b", "c"]
 
 
 def test_summary_medians_and_ratios():

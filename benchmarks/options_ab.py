@@ -1,0 +1,133 @@
+r"""A/B of XLA compiler options on the pretraining step, every variant in one process.
+
+  python benchmarks/options_ab.py --config=configs/pretrain.py[:preset] \
+      --variant=nhwc=--xla_gpu_force_conv_nhwc=true \
+      --variant=no_command_buffer=--xla_gpu_enable_command_buffer= \
+      [--rounds=10] [--steps_per_round=5] [--without_montage] [--json=FILE] \
+      [--batch_size=32] [--dtype=bfloat16] [--config.FIELD=VALUE ...]
+
+Compiles the step (`benchmarks.jax_step.CompiledStep`) once with no options ('default')
+and once per `--variant=NAME=FLAGS`, FLAGS written as in XLA_FLAGS and passed to
+`compile(compiler_options=...)` (XLA's per-compilation debug options). Then it times the
+variants in `--rounds` rounds, listed order on odd rounds and reversed on even ones; in
+each round every variant runs `--steps_per_round` steps waiting for each (median) and as
+many back to back (mean). It prints each variant's median over rounds and the median,
+min and max of its per-round ratio to 'default' (< 1: faster), and whether its compiled
+program differs from the default's (identical HLO means the option changed at most code
+generation, or nothing).
+
+Why in one process: on a shared host, separate processes (benchmarks/flags_ab.py) drift
+by 10-30 % from one to the next; one CPU flag looked 25 % faster over three process
+rounds, 1 % over four more, and 10 % slower in this script (docs/performance.md). Here
+the variants share the process, its allocator and the machine's load of the moment.
+Options XLA reads once per process (e.g. the number of host devices) still need
+flags_ab.py. Imports neither TensorFlow nor torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+import jax  # pylint: disable=g-import-not-at-top
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+# step_flags defines --config, --batch_size, --dtype and --host_memory.
+from benchmarks import ab_rounds, jax_step, step_flags  # pylint: disable=g-import-not-at-top
+from tcvm_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+DEFAULT = ab_rounds.DEFAULT
+
+_VARIANTS = flags.DEFINE_multi_string(
+    "variant", [], "NAME=FLAGS, repeatable: compiler options in XLA_FLAGS syntax "
+    "('--xla_a=true --xla_b=3'); an empty value ('--xla_x=') is an empty string.")
+_ROUNDS = flags.DEFINE_integer("rounds", 10, "Alternating rounds.", lower_bound=1)
+_STEPS_PER_ROUND = flags.DEFINE_integer("steps_per_round", 5,
+                                        "Steps per variant and round.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per variant after compiling.",
+                               lower_bound=0)
+_WITHOUT_MONTAGE = flags.DEFINE_bool(
+    "without_montage", False, "Time the step after the montage (fed float pseudo-videos, "
+    "as the PyTorch reference is) instead of the whole step.")
+_JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
+
+def format_summary(variants: Sequence[tuple[str, str, dict[str, Any]]],
+                   summary: dict[str, dict[str, float]], same_hlo: dict[str, bool]) -> str:
+  lines = [f"{'variant':<20} {'step ms':>8} {'chained':>8} {'ratio':>6} {'min':>6} "
+           f"{'max':>6} {'chained':>7}  HLO vs default   flags"]
+  for name, text, _ in variants:
+    row = summary[name]
+    hlo = "-" if name == DEFAULT else ("identical" if same_hlo[name] else "differs")
+    lines.append(f"{name:<20} {row['step_time_s'] * 1e3:>8.2f} "
+                 f"{row['chained_step_time_s'] * 1e3:>8.2f} {row['ratio_median']:>6.3f} "
+                 f"{row['ratio_min']:>6.3f} {row['ratio_max']:>6.3f} "
+                 f"{row['chained_ratio_median']:>7.3f}  {hlo:<15} {text}")
+  return "\n".join(lines)
+
+
+def time_round(step: jax_step.CompiledStep, steps: int) -> dict[str, float]:
+  median_s, _ = jax_step.median_time(step.run_blocking, steps=steps, warmup=0)
+  chained_s, _ = jax_step.chained_time(step.run, steps=steps)
+  return {"step_time_s": median_s, "chained_step_time_s": chained_s}
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    variants = ab_rounds.option_variants(_VARIANTS.value)
+  except (ValueError, argparse.ArgumentTypeError) as e:
+    raise app.UsageError(str(e)) from e
+  if len(variants) < 2:
+    raise app.UsageError("Give at least one --variant=NAME=FLAGS to compare with 'default'.")
+  host_memory.configure(step_flags.HOST_MEMORY.value)  # before the first JAX computation
+  config = step_flags.config_from_flags()
+  steps: dict[str, jax_step.CompiledStep] = {}
+  texts: dict[str, str] = {}
+  for name, text, options in variants:
+    try:
+      step = jax_step.CompiledStep(config, without_montage=_WITHOUT_MONTAGE.value,
+                                   compiler_options=options or None)
+    except Exception as e:  # XLA names the option it rejects (unknown name, bad value).
+      print(f"variant {name!r} ({text}) did not compile: {e}", file=sys.stderr)
+      return 1
+    for _ in range(_WARMUP.value):
+      step.run_blocking()
+    steps[name], texts[name] = step, step.compiled.as_text()
+    print(f"{name}: compiled in {step.compile_time_s:.1f} s on "
+          f"{jax.devices()[0].device_kind}", flush=True)
+  names = [name for name, _, _ in variants]
+  same_hlo = {name: texts[name] == texts[DEFAULT] for name in names}
+  rounds: list[dict[str, dict[str, float]]] = []
+  start = time.perf_counter()
+  for index in range(_ROUNDS.value):
+    order = ab_rounds.round_order(names, index)
+    rounds.append({name: time_round(steps[name], _STEPS_PER_ROUND.value) for name in order})
+    print(f"round {index + 1}/{_ROUNDS.value}: " + "  ".join(
+        f"{name} {rounds[-1][name]['step_time_s'] * 1e3:.1f}" for name in names) + " ms",
+          flush=True)
+  summary = ab_rounds.summarize_rounds(names, rounds)
+  print(format_summary(variants, summary, same_hlo), flush=True)
+  print(f"{_ROUNDS.value} rounds in {time.perf_counter() - start:.0f} s", flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"variants": [{"name": n, "flags": t, "options": o} for n, t, o in variants],
+                 "device_kind": jax.devices()[0].device_kind,
+                 "batch_size": config.batch_size, "dtype": config.model.dtype,
+                 "without_montage": _WITHOUT_MONTAGE.value,
+                 "compile_time_s": {n: steps[n].compile_time_s for n in names},
+                 "hlo_identical_to_default": same_hlo, "summary": summary,
+                 "rounds": rounds}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,101 @@
+"""benchmarks/options_ab.py (compiler-option A/B of the step in one process) and the
+helpers it shares with flags_ab.py (benchmarks/ab_rounds.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import ab_rounds
+from train_test_utils import (FAST_COMPILE_XLA_FLAGS, REPO_ROOT, TINY_BENCHMARK_OVERRIDES,
+                              subprocess_env)
+
+
+def test_option_values_get_the_types_xla_wants():
+  assert ab_rounds.option_value(None) is True  # a bare --xla_flag
+  assert ab_rounds.option_value("true") is True and ab_rounds.option_value("False") is False
+  assert ab_rounds.option_value("3") == 3 and isinstance(ab_rounds.option_value("3"), int)
+  assert ab_rounds.option_value("0.5") == 0.5
+  assert ab_rounds.option_value("") == ""  # an empty list (e.g. no command buffers)
+  assert ab_rounds.option_value("MODE_GREEDY") == "MODE_GREEDY"
+
+
+def test_parse_options():
+  assert ab_rounds.parse_options(
+      "--xla_gpu_force_conv_nhwc=true --xla_gpu_enable_command_buffer= --xla_x=2 --xla_y") == {
+          "xla_gpu_force_conv_nhwc": True, "xla_gpu_enable_command_buffer": "",
+          "xla_x": 2, "xla_y": True}
+  for bad in ("xla_a=1", "--jax_a=1", "--xla_a=1 --xla_a=2"):
+    with pytest.raises(ValueError):
+      ab_rounds.parse_options(bad)
+
+
+def test_parse_variants_adds_the_default_and_rejects_clashes():
+  variants = ab_rounds.option_variants(["nhwc=--xla_gpu_force_conv_nhwc=true"])
+  assert variants == [("default", "", {}),
+                      ("nhwc", "--xla_gpu_force_conv_nhwc=true",
+                       {"xla_gpu_force_conv_nhwc": True})]
+  for specs in (["a=--xla_x=1", "a=--xla_y=1"], ["default=--xla_x=1"], ["empty="],
+                ["a=--jax_x=1"]):
+    with pytest.raises(ValueError):
+      ab_rounds.option_variants(specs)
+  with pytest.raises(argparse.ArgumentTypeError):
+    ab_rounds.option_variants(["no_equals_sign"])
+
+
+def test_summary_ratios_are_taken_within_each_round():
+  def times(step, chained):
+    return {"step_time_s": step, "chained_step_time_s": chained}
+  # The machine slows down 2x in round 2: per-round ratios stay 0.5, as they should.
+  rounds = [{"default": times(0.10, 0.08), "fast": times(0.05, 0.04)},
+            {"default": times(0.20, 0.16), "fast": times(0.10, 0.08)},
+            {"default": times(0.12, 0.10), "fast": times(0.09, 0.05)}]
+  summary = ab_rounds.summarize_rounds(["default", "fast"], rounds)
+  assert summary["default"]["ratio_median"] == pytest.approx(1.0)
+  assert summary["fast"]["step_time_s"] == pytest.approx(0.09)  # median over rounds
+  assert summary["fast"]["chained_step_time_s"] == pytest.approx(0.05)
+  assert summary["fast"]["ratio_median"] == pytest.approx(0.5)
+  assert summary["fast"]["ratio_min"] == pytest.approx(0.5)
+  assert summary["fast"]["ratio_max"] == pytest.approx(0.75)
+  assert summary["fast"]["chained_ratio_median"] == pytest.approx(0.5)
+
+
+def _run(tmp_path, *args):
+  env = subprocess_env(1)
+  env["XLA_FLAGS"] += " " + FAST_COMPILE_XLA_FLAGS
+  command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "options_ab.py"),
+             *TINY_BENCHMARK_OVERRIDES, "--batch_size=2", "--steps_per_round=1",
+             "--warmup=1", *args]
+  return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                        timeout=600)
+
+
+def test_end_to_end_on_cpu(tmp_path):
+  json_path = tmp_path / "ab.json"
+  # Turning YNNPACK fusions off changes XLA:CPU's compiled program: proof that the
+  # option reached the compiler.
+  completed = _run(tmp_path, "--variant=no_ynn=--xla_cpu_experimental_ynn_fusion_type=",
+                   "--rounds=2", f"--json={json_path}")
+  assert completed.returncode == 0, completed.stdout + completed.stderr
+  results = json.loads(json_path.read_text())
+  assert [v["name"] for v in results["variants"]] == ["default", "no_ynn"]
+  assert results["variants"][1]["options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert results["hlo_identical_to_default"] == {"default": True, "no_ynn": False}
+  assert len(results["rounds"]) == 2
+  for round_times in results["rounds"]:
+    assert all(t > 0 for name in ("default", "no_ynn") for t in round_times[name].values())
+  assert results["summary"]["default"]["ratio_median"] == pytest.approx(1.0)
+  assert results["summary"]["no_ynn"]["ratio_median"] > 0
+  assert "no_ynn" in completed.stdout and "differs" in completed.stdout
+
+
+def test_an_unknown_option_is_an_error_naming_it(tmp_path):
+  completed = _run(tmp_path, "--variant=bogus=--xla_no_such_option_for_tcvm=1", "--rounds=1")
+  assert completed.returncode == 1
+  assert "xla_no_such_option_for_tcvm" in completed.stderr
+  assert "did not compile" in completed.stderr
