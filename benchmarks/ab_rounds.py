@@ -1,5 +1,6 @@
 """What the A/B tools share: variants as NAME=FLAGS, alternating round order, XLA flags
-as compiler options, and per-round ratios. No JAX, no absl flags: importable anywhere.
+as compiler options, config overrides, and per-round ratios. No JAX, no absl flags:
+importable anywhere.
 
 benchmarks/flags_ab.py runs each variant in a process of its own (XLA_FLAGS);
 benchmarks/options_ab.py compiles them all in one process (compiler options).
@@ -12,9 +13,12 @@ import re
 import statistics
 from typing import Any, Sequence, TypeVar
 
+import ml_collections
+
 T = TypeVar("T")
 DEFAULT = "default"  # options_ab.py's baseline: the step compiled with no options
 _FLAG = re.compile(r"^--(xla_[A-Za-z0-9_]+)(?:=(.*))?$")
+_CONFIG_FLAG = re.compile(r"^--config\.([A-Za-z0-9_.]+)=(.*)$")
 
 
 def parse_variant(text: str) -> tuple[str, str]:
@@ -46,32 +50,74 @@ def option_value(text: str | None) -> bool | int | float | str:
   return text
 
 
-def parse_options(flags_text: str) -> dict[str, Any]:
-  """'--xla_a=true --xla_b=3' -> {'xla_a': True, 'xla_b': 3}; ValueError on anything
-  that is not an --xla_* flag, and on a flag given twice."""
+def parse_options(flags_text: str) -> tuple[dict[str, Any], dict[str, str]]:
+  """'--xla_a=true --config.model.x=2' -> ({'xla_a': True}, {'model.x': '2'}): compiler
+  options (typed) and config overrides (text, typed later by the field they set).
+  ValueError on any other token and on a flag or field given twice."""
   options: dict[str, Any] = {}
+  overrides: dict[str, str] = {}
   for token in flags_text.split():
-    match = _FLAG.match(token)
-    if not match:
-      raise ValueError(f"{token!r} is not an XLA flag of the form --xla_NAME[=VALUE].")
-    name, value = match.groups()
-    if name in options:
-      raise ValueError(f"--{name} is given twice in {flags_text!r}.")
-    options[name] = option_value(value)
-  return options
+    xla, config = _FLAG.match(token), _CONFIG_FLAG.match(token)
+    if xla:
+      name, value = xla.groups()
+      target, value = options, option_value(value)
+    elif config:
+      name, value = config.groups()
+      target = overrides
+    else:
+      raise ValueError(f"{token!r} is neither an XLA flag (--xla_NAME[=VALUE]) nor a "
+                       f"config override (--config.FIELD=VALUE).")
+    if name in target:
+      raise ValueError(f"{name} is given twice in {flags_text!r}.")
+    target[name] = value
+  return options, overrides
 
 
-def option_variants(specs: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
-  """(name, flags text, compiler options) for DEFAULT (no options) and each NAME=FLAGS;
-  ValueError (or argparse's ArgumentTypeError for a malformed NAME=FLAGS) on a variant
-  that sets nothing and on a repeated name."""
-  variants = [(DEFAULT, "", {})]
+def _typed(kind: type, text: str, field: str) -> Any:
+  if kind is bool:
+    if text.lower() not in ("true", "false"):
+      raise ValueError(f"--config.{field}={text!r}: expected true or false.")
+    return text.lower() == "true"
+  if kind in (int, float, str):
+    try:
+      return kind(text)
+    except ValueError as e:
+      raise ValueError(f"--config.{field}={text!r}: expected a value of type "
+                       f"{kind.__name__}.") from e
+  raise ValueError(f"--config.{field} holds a {kind.__name__}; only bool, int, float and "
+                   f"str fields can be set here.")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
+                    ) -> ml_collections.ConfigDict:
+  """A copy of `config` with each 'a.b.c' field set from its text, typed as the field's
+  current value; ValueError for an unknown field or a value of the wrong type."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for field, text in overrides.items():
+    *path, leaf = field.split(".")
+    parent = config
+    for part in path:
+      if part not in parent or not isinstance(parent[part], ml_collections.ConfigDict):
+        raise ValueError(f"--config.{field}: the config has no section {part!r}.")
+      parent = parent[part]
+    if leaf not in parent:
+      raise ValueError(f"--config.{field}: the config has no field {leaf!r}.")
+    parent[leaf] = _typed(type(parent[leaf]), text, field)
+  return config
+
+
+def option_variants(specs: Sequence[str]
+                    ) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
+  """(name, flags text, compiler options, config overrides) for DEFAULT (nothing set) and
+  each NAME=FLAGS; ValueError (or argparse's ArgumentTypeError for a malformed
+  NAME=FLAGS) on a variant that sets nothing and on a repeated name."""
+  variants = [(DEFAULT, "", {}, {})]
   for spec in specs:
     name, text = parse_variant(spec)
     if not text:
-      raise ValueError(f"--variant={spec!r} sets no option; '{DEFAULT}' is the baseline.")
-    variants.append((name, text, parse_options(text)))
-  names = [name for name, _, _ in variants]
+      raise ValueError(f"--variant={spec!r} sets nothing; '{DEFAULT}' is the baseline.")
+    variants.append((name, text, *parse_options(text)))
+  names = [variant[0] for variant in variants]
   if len(set(names)) != len(names):
     raise ValueError(f"Variant names must differ (and not be '{DEFAULT}'): {names}")
   return variants

@@ -1,20 +1,23 @@
-r"""A/B of XLA compiler options on the pretraining step, every variant in one process.
+r"""A/B of XLA compiler options and config fields on the pretraining step, every variant
+in one process.
 
   python benchmarks/options_ab.py --config=configs/pretrain.py[:preset] \
       --variant=nhwc=--xla_gpu_force_conv_nhwc=true \
       --variant=no_command_buffer=--xla_gpu_enable_command_buffer= \
+      --variant=bf16=--config.model.dtype=bfloat16 \
       [--rounds=10] [--steps_per_round=5] [--without_montage] [--json=FILE] \
       [--batch_size=32] [--dtype=bfloat16] [--config.FIELD=VALUE ...]
 
-Compiles the step (`benchmarks.jax_step.CompiledStep`) once with no options ('default')
-and once per `--variant=NAME=FLAGS`, FLAGS written as in XLA_FLAGS and passed to
-`compile(compiler_options=...)` (XLA's per-compilation debug options). Then it times the
-variants in `--rounds` rounds, listed order on odd rounds and reversed on even ones; in
-each round every variant runs `--steps_per_round` steps waiting for each (median) and as
-many back to back (mean). It prints each variant's median over rounds and the median,
-min and max of its per-round ratio to 'default' (< 1: faster), and whether its compiled
-program differs from the default's (identical HLO means the option changed at most code
-generation, or nothing).
+Compiles the step (`benchmarks.jax_step.CompiledStep`) once as configured ('default')
+and once per `--variant=NAME=FLAGS`. FLAGS mixes XLA flags written as in XLA_FLAGS,
+passed to `compile(compiler_options=...)` (XLA's per-compilation debug options), and
+`--config.FIELD=VALUE` overrides of bool, int, float or str config fields (a code lever
+behind a config switch). Then it times the variants in `--rounds` rounds, listed order on
+odd rounds and reversed on even ones; in each round every variant runs
+`--steps_per_round` steps waiting for each (median) and as many back to back (mean). It
+prints each variant's median over rounds and the median, min and max of its per-round
+ratio to 'default' (< 1: faster), and whether its compiled program differs from the
+default's (identical HLO: the option changed at most code generation, or nothing).
 
 Why in one process: on a shared host, separate processes (benchmarks/flags_ab.py) drift
 by 10-30 % from one to the next; one CPU flag looked 25 % faster over three process
@@ -48,7 +51,8 @@ DEFAULT = ab_rounds.DEFAULT
 
 _VARIANTS = flags.DEFINE_multi_string(
     "variant", [], "NAME=FLAGS, repeatable: compiler options in XLA_FLAGS syntax "
-    "('--xla_a=true --xla_b=3'); an empty value ('--xla_x=') is an empty string.")
+    "('--xla_a=true --xla_b=3'; '--xla_x=' is an empty string) and/or config overrides "
+    "('--config.model.dtype=bfloat16').")
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "Alternating rounds.", lower_bound=1)
 _STEPS_PER_ROUND = flags.DEFINE_integer("steps_per_round", 5,
                                         "Steps per variant and round.", lower_bound=1)
@@ -59,11 +63,11 @@ _WITHOUT_MONTAGE = flags.DEFINE_bool(
     "as the PyTorch reference is) instead of the whole step.")
 _JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
 
-def format_summary(variants: Sequence[tuple[str, str, dict[str, Any]]],
+def format_summary(variants: Sequence[tuple[str, str, dict[str, Any], dict[str, str]]],
                    summary: dict[str, dict[str, float]], same_hlo: dict[str, bool]) -> str:
   lines = [f"{'variant':<20} {'step ms':>8} {'chained':>8} {'ratio':>6} {'min':>6} "
            f"{'max':>6} {'chained':>7}  HLO vs default   flags"]
-  for name, text, _ in variants:
+  for name, text, _, _ in variants:
     row = summary[name]
     hlo = "-" if name == DEFAULT else ("identical" if same_hlo[name] else "differs")
     lines.append(f"{name:<20} {row['step_time_s'] * 1e3:>8.2f} "
@@ -92,9 +96,13 @@ def main(argv) -> int:
   config = step_flags.config_from_flags()
   steps: dict[str, jax_step.CompiledStep] = {}
   texts: dict[str, str] = {}
-  for name, text, options in variants:
+  for name, text, options, overrides in variants:
     try:
-      step = jax_step.CompiledStep(config, without_montage=_WITHOUT_MONTAGE.value,
+      variant_config = ab_rounds.apply_overrides(config, overrides) if overrides else config
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    try:
+      step = jax_step.CompiledStep(variant_config, without_montage=_WITHOUT_MONTAGE.value,
                                    compiler_options=options or None)
     except Exception as e:  # XLA names the option it rejects (unknown name, bad value).
       print(f"variant {name!r} ({text}) did not compile: {e}", file=sys.stderr)
@@ -104,7 +112,7 @@ def main(argv) -> int:
     steps[name], texts[name] = step, step.compiled.as_text()
     print(f"{name}: compiled in {step.compile_time_s:.1f} s on "
           f"{jax.devices()[0].device_kind}", flush=True)
-  names = [name for name, _, _ in variants]
+  names = [variant[0] for variant in variants]
   same_hlo = {name: texts[name] == texts[DEFAULT] for name in names}
   rounds: list[dict[str, dict[str, float]]] = []
   start = time.perf_counter()
@@ -119,7 +127,8 @@ def main(argv) -> int:
   print(f"{_ROUNDS.value} rounds in {time.perf_counter() - start:.0f} s", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump({"variants": [{"name": n, "flags": t, "options": o} for n, t, o in variants],
+      json.dump({"variants": [{"name": n, "flags": t, "options": o, "config_overrides": c}
+                              for n, t, o, c in variants],
                  "device_kind": jax.devices()[0].device_kind,
                  "batch_size": config.batch_size, "dtype": config.model.dtype,
                  "without_montage": _WITHOUT_MONTAGE.value,

@@ -74,6 +74,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   model.dtype = "float32"           # compute dtype: 'float32' or 'bfloat16' (params stay f32).
   model.bn_axis_name = None         # None under jit sharding: BN stats are global already.
   model.bn_momentum = 0.9
+  # BatchNorm's training gradient: 'closed_form' (two sums + one pass), 'autodiff' (flax),
+  # 'auto' = closed form on CPU (~5 % faster demo step there), autodiff on GPU/TPU.
+  model.bn_gradient = "auto"
   model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
   model.tc_second_order = False     # D^2 in Table 3c.
   model.tc_hidden_dim = -1          # per-frame FC width before f; -1 means C.

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from tcvm_jax import backbones, losses, montage, optim
+from tcvm_jax import backbones, layers, losses, montage, optim
 
 # 'random': uint8 noise videos made on the fly (tests, benchmarks; no files needed).
 DATA_NAMES = ("tfrecord", "synthetic", "random")
@@ -202,6 +202,7 @@ def _validate_model(config) -> None:
   if axis_name is not None and not isinstance(axis_name, str):
     _fail("model.bn_axis_name", axis_name, "must be None or a mesh axis name such as 'data'.")
   check_number(config, "model.bn_momentum", 0.0, 1.0, high_open=True)
+  check_choice(config, "model.bn_gradient", layers.BATCH_NORM_GRADIENTS)
   check_number(config, "model.tc_k", 0.0, 1.0)
   check_bool(config, "model.tc_second_order")
   check_int(config, "model.tc_hidden_dim", 1, allowed=(-1,))

@@ -71,6 +71,7 @@ class TCHead(nnx.Module):
       dtype: Dtype | None = None,
       bn_axis_name: str | None = None,
       bn_momentum: float = 0.9,
+      bn_gradient: str = "auto",
       rngs: nnx.Rngs,
   ):
     check_tc_k(k)
@@ -92,7 +93,8 @@ class TCHead(nnx.Module):
     self.frame_fc = nnx.Linear(num_features, hidden_dim, use_bias=False, dtype=dtype,
                                kernel_init=layers.torch_linear_init, rngs=rngs)
     self.frame_bn = layers.batch_norm(hidden_dim, axis_name=bn_axis_name,
-                                      momentum=bn_momentum, dtype=dtype, rngs=rngs)
+                                      momentum=bn_momentum, dtype=dtype,
+                                      gradient=bn_gradient, rngs=rngs)
     self.frame_projection = nnx.Linear(hidden_dim, num_features // num_frames, dtype=dtype,
                                        kernel_init=layers.torch_linear_init, rngs=rngs)
 

@@ -48,6 +48,7 @@ def test_presets_are_valid(preset):
     ("keep_checkpoints", 0, r"config\.keep_checkpoints=0: must be an integer in \[1, inf\]"),
     ("model.tc_hidden_dim", 0, r"config\.model\.tc_hidden_dim=0"),
     ("model.bn_axis_name", 3, r"config\.model\.bn_axis_name=3: must be None or"),
+    ("model.bn_gradient", "fast", r"config\.model\.bn_gradient='fast': choose one of .*closed_form"),
     ("preset", "big", r"config\.preset='big': choose one of"),
     ("eval_retrieval", "k400", r"config\.eval_retrieval='k400': choose one of \('ucf101'"),
 ])

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from benchmarks import ab_rounds
@@ -25,27 +26,50 @@ def test_option_values_get_the_types_xla_wants():
   assert ab_rounds.option_value("MODE_GREEDY") == "MODE_GREEDY"
 
 
-def test_parse_options():
+def test_parse_options_splits_xla_options_from_config_overrides():
   assert ab_rounds.parse_options(
-      "--xla_gpu_force_conv_nhwc=true --xla_gpu_enable_command_buffer= --xla_x=2 --xla_y") == {
-          "xla_gpu_force_conv_nhwc": True, "xla_gpu_enable_command_buffer": "",
-          "xla_x": 2, "xla_y": True}
-  for bad in ("xla_a=1", "--jax_a=1", "--xla_a=1 --xla_a=2"):
+      "--xla_gpu_force_conv_nhwc=true --xla_gpu_enable_command_buffer= --xla_x=2 --xla_y "
+      "--config.model.dtype=bfloat16") == (
+          {"xla_gpu_force_conv_nhwc": True, "xla_gpu_enable_command_buffer": "",
+           "xla_x": 2, "xla_y": True},
+          {"model.dtype": "bfloat16"})
+  for bad in ("xla_a=1", "--jax_a=1", "--xla_a=1 --xla_a=2", "--config.a=1 --config.a=2",
+              "--config.a"):
     with pytest.raises(ValueError):
       ab_rounds.parse_options(bad)
 
 
 def test_parse_variants_adds_the_default_and_rejects_clashes():
-  variants = ab_rounds.option_variants(["nhwc=--xla_gpu_force_conv_nhwc=true"])
-  assert variants == [("default", "", {}),
+  variants = ab_rounds.option_variants(["nhwc=--xla_gpu_force_conv_nhwc=true",
+                                        "f32=--config.model.dtype=float32"])
+  assert variants == [("default", "", {}, {}),
                       ("nhwc", "--xla_gpu_force_conv_nhwc=true",
-                       {"xla_gpu_force_conv_nhwc": True})]
+                       {"xla_gpu_force_conv_nhwc": True}, {}),
+                      ("f32", "--config.model.dtype=float32", {},
+                       {"model.dtype": "float32"})]
   for specs in (["a=--xla_x=1", "a=--xla_y=1"], ["default=--xla_x=1"], ["empty="],
                 ["a=--jax_x=1"]):
     with pytest.raises(ValueError):
       ab_rounds.option_variants(specs)
   with pytest.raises(argparse.ArgumentTypeError):
     ab_rounds.option_variants(["no_equals_sign"])
+
+
+def test_config_overrides_are_typed_by_the_field_and_copy_the_config():
+  config = ml_collections.ConfigDict({"batch_size": 16, "model": {
+      "dtype": "float32", "zero_init": True, "momentum": 0.9, "axis": None}})
+  changed = ab_rounds.apply_overrides(config, {"batch_size": "8", "model.dtype": "bfloat16",
+                                               "model.zero_init": "False",
+                                               "model.momentum": "0.5"})
+  assert (changed.batch_size, changed.model.dtype) == (8, "bfloat16")
+  assert changed.model.zero_init is False and changed.model.momentum == 0.5
+  assert (config.batch_size, config.model.dtype, config.model.zero_init) == (
+      16, "float32", True)  # the original is untouched
+  for field, text in (("model.nope", "1"), ("nope.x", "1"), ("batch_size.x", "1"),
+                      ("batch_size", "eight"), ("model.zero_init", "yes"),
+                      ("model.axis", "data")):
+    with pytest.raises(ValueError, match=field.split(".")[-1] if field != "nope.x" else "nope"):
+      ab_rounds.apply_overrides(config, {field: text})
 
 
 def test_summary_ratios_are_taken_within_each_round():
@@ -77,18 +101,23 @@ def _run(tmp_path, *args):
 
 def test_end_to_end_on_cpu(tmp_path):
   json_path = tmp_path / "ab.json"
-  # Turning YNNPACK fusions off changes XLA:CPU's compiled program: proof that the
-  # option reached the compiler.
+  # Turning YNNPACK fusions off changes XLA:CPU's compiled program, and so does cutting
+  # videos into one clip instead of two.
   completed = _run(tmp_path, "--variant=no_ynn=--xla_cpu_experimental_ynn_fusion_type=",
-                   "--rounds=2", f"--json={json_path}")
+                   "--variant=one_clip=--config.montage.num_clips=1", "--rounds=2",
+                   f"--json={json_path}")
   assert completed.returncode == 0, completed.stdout + completed.stderr
   results = json.loads(json_path.read_text())
-  assert [v["name"] for v in results["variants"]] == ["default", "no_ynn"]
+  names = ["default", "no_ynn", "one_clip"]
+  assert [v["name"] for v in results["variants"]] == names
   assert results["variants"][1]["options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
-  assert results["hlo_identical_to_default"] == {"default": True, "no_ynn": False}
+  assert results["variants"][2]["config_overrides"] == {"montage.num_clips": "1"}
+  # Both reached the compiler: each variant's program differs from the default's.
+  assert results["hlo_identical_to_default"] == {"default": True, "no_ynn": False,
+                                                 "one_clip": False}
   assert len(results["rounds"]) == 2
   for round_times in results["rounds"]:
-    assert all(t > 0 for name in ("default", "no_ynn") for t in round_times[name].values())
+    assert all(t > 0 for name in names for t in round_times[name].values())
   assert results["summary"]["default"]["ratio_median"] == pytest.approx(1.0)
   assert results["summary"]["no_ynn"]["ratio_median"] > 0
   assert "no_ynn" in completed.stdout and "differs" in completed.stdout

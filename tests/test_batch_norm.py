@@ -1,0 +1,181 @@
+"""layers.BatchNorm's closed-form gradient (batch_norm_train) against flax's BatchNorm +
+autodiff."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tcvm_jax import layers
+from train_test_utils import REPO_ROOT, subprocess_env
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+EPS = 1e-5
+
+
+def reference_batch_norm(x, scale, bias):
+  """flax's training arithmetic, differentiated by JAX: (y, mean, var)."""
+  rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  mean = rows.mean(0)
+  var = jnp.maximum(0.0, (rows * rows).mean(0) - mean * mean)
+  y = (rows - mean) * (jax.lax.rsqrt(var + EPS) * scale) + bias
+  return y.reshape(x.shape), mean, var
+
+
+def _inputs(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  features = shape[-1]
+  return (jnp.asarray(rng.normal(1.5, 2.0, shape), jnp.float32),
+          jnp.asarray(rng.uniform(0.5, 1.5, features), jnp.float32),
+          jnp.asarray(rng.normal(size=features), jnp.float32),
+          [jnp.asarray(rng.normal(size=s), jnp.float32)
+           for s in (shape, (features,), (features,))])
+
+
+def _relative_error(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5, 8), (64, 16), (2, 7, 3)])
+def test_values_and_all_gradients_match_autodiff(shape):
+  x, scale, bias, (w_y, w_mean, w_var) = _inputs(shape)
+
+  def loss(norm):
+    def fn(x, scale, bias):
+      y, mean, var = norm(x, scale, bias)
+      # The mean and variance outputs get cotangents too (the step never sends any).
+      return (jnp.sum(jax.nn.relu(y) * w_y) + jnp.sum(mean * w_mean)
+              + jnp.sum(var * w_var))
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
+
+  closed_form = lambda x, s, b: layers.batch_norm_train(x, s, b, EPS, None, jnp.float32)
+  (value, grads), (ref_value, ref_grads) = (loss(closed_form)(x, scale, bias),
+                                            loss(reference_batch_norm)(x, scale, bias))
+  assert float(value) == pytest.approx(float(ref_value), rel=1e-5)
+  for grad, ref in zip(grads, ref_grads):
+    assert _relative_error(grad, ref) < 1e-5
+  outputs = jax.jit(closed_form)(x, scale, bias)
+  for out, ref in zip(outputs, reference_batch_norm(x, scale, bias)):
+    assert _relative_error(out, ref) < 1e-6
+
+
+def _modules(dtype, gradient="closed_form"):
+  """nnx.BatchNorm and layers.batch_norm(gradient=...), with the same random scale/bias."""
+  features = 8
+  flax_bn = nnx.BatchNorm(features, momentum=0.9, epsilon=EPS, dtype=dtype,
+                          param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  ours = layers.batch_norm(features, dtype=dtype, gradient=gradient, rngs=nnx.Rngs(0))
+  for module in (flax_bn, ours):
+    rng = np.random.default_rng(1)  # the same values for both
+    module.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, features), jnp.float32)
+    module.bias[...] = jnp.asarray(rng.normal(size=features), jnp.float32)
+  return flax_bn, ours
+
+
+def _train_loss(module, x, weights):
+  return jnp.sum(jax.nn.relu(module(x, use_running_average=False)).astype(jnp.float32)
+                 * weights)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(None, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_module_trains_like_nnx_batch_norm(dtype, tolerance):
+  flax_bn, closed = _modules(dtype)
+  assert isinstance(closed, nnx.BatchNorm) and type(flax_bn) is nnx.BatchNorm
+  x = jnp.asarray(np.random.default_rng(2).normal(0.5, 3.0, (6, 4, 4, 8)), jnp.float32)
+  if dtype is not None:
+    x = x.astype(dtype)
+  weights = jnp.asarray(np.random.default_rng(3).normal(size=x.shape), jnp.float32)
+
+  results = []
+  for module in (flax_bn, closed):
+    value, (module_grads, x_grad) = nnx.value_and_grad(_train_loss, argnums=(0, 1))(
+        module, x, weights)
+    results.append((value, module_grads, x_grad, module))
+  (ref_value, ref_grads, ref_x_grad, ref_module), (value, grads, x_grad, module) = results
+  assert float(value) == pytest.approx(float(ref_value), rel=tolerance)
+  assert x_grad.dtype == ref_x_grad.dtype
+  assert _relative_error(x_grad.astype(jnp.float32), ref_x_grad.astype(jnp.float32)) < tolerance
+  for name in ("scale", "bias"):
+    assert _relative_error(grads[name][...], ref_grads[name][...]) < tolerance
+  # The running statistics moved the same way (float32 statistics in both).
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(getattr(module, name)[...], getattr(ref_module, name)[...],
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(getattr(module, name)[...], 0.0 if name == "mean" else 1.0)
+  # Evaluation goes through flax's own path with those (float-rounding close) statistics.
+  out, ref_out = module(x, use_running_average=True), ref_module(x, use_running_average=True)
+  assert out.dtype == ref_out.dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
+                             rtol=tolerance, atol=tolerance)
+
+
+_SHARDED_CHILD = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+import test_batch_norm as t
+from tcvm_jax import layers
+mesh = Mesh(np.array(jax.devices()), ("data",))
+x, scale, bias, (w_y, _, _) = t._inputs((20, 3, 4))
+
+def sharded(x, scale, bias):
+  return jax.shard_map(
+      lambda x: layers.batch_norm_train(x, scale, bias, t.EPS, "data", jnp.float32)[0],
+      mesh=mesh, in_specs=P("data"), out_specs=P("data"))(x)
+
+def whole(x, scale, bias):
+  return t.reference_batch_norm(x, scale, bias)[0]
+
+def grads(norm):
+  return jax.jit(jax.grad(lambda *a: jnp.sum(jax.nn.relu(norm(*a)) * w_y),
+                          argnums=(0, 1, 2)))(x, scale, bias)
+
+print(json.dumps({"devices": len(jax.devices()),
+                  "values": t._relative_error(jax.jit(sharded)(x, scale, bias),
+                                              whole(x, scale, bias)),
+                  "grads": [t._relative_error(a, b)
+                            for a, b in zip(grads(sharded), grads(whole))]}))
+"""
+
+
+def test_statistics_and_gradients_cover_all_devices_of_axis_name():
+  """Inside shard_map over 2 devices (axis_name 'data'), the two halves of the batch
+  normalise together: the values and gradients of one BatchNorm over the whole batch."""
+  completed = subprocess.run([sys.executable, "-c", _SHARDED_CHILD, TESTS_DIR],
+                             capture_output=True, text=True, env=subprocess_env(2),
+                             cwd=REPO_ROOT, timeout=300)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  errors = json.loads(completed.stdout.strip().splitlines()[-1])
+  assert errors["devices"] == 2
+  assert errors["values"] < 1e-5 and max(errors["grads"]) < 1e-5, errors
+
+
+def test_auto_is_the_closed_form_on_cpu_and_autodiff_is_flax():
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(5, 6, 8)), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
+  grad = lambda module: nnx.grad(_train_loss, argnums=(0, 1))(module, x, weights)
+  results = {}
+  for gradient in layers.BATCH_NORM_GRADIENTS:
+    flax_bn, ours = _modules(None, gradient)
+    results[gradient] = grad(ours)
+    if gradient == "autodiff":
+      results["flax"] = grad(flax_bn)
+  for a, b in (("auto", "closed_form"), ("autodiff", "flax")):  # bit for bit on this CPU
+    assert jax.devices()[0].platform == "cpu"
+    for leaf_a, leaf_b in zip(jax.tree.leaves(results[a]), jax.tree.leaves(results[b])):
+      np.testing.assert_array_equal(leaf_a, leaf_b)
+
+
+def test_unknown_gradient_is_an_error_listing_the_choices():
+  with pytest.raises(ValueError, match="closed_form"):
+    layers.batch_norm(4, gradient="fast", rngs=nnx.Rngs(0))
