@@ -17,6 +17,7 @@ import ml_collections
 
 T = TypeVar("T")
 DEFAULT = "default"  # options_ab.py's baseline: the step compiled with no options
+CONTROL = "control"  # the same, compiled again: its ratio to DEFAULT is the noise floor
 _FLAG = re.compile(r"^--(xla_[A-Za-z0-9_]+)(?:=(.*))?$")
 _CONFIG_FLAG = re.compile(r"^--config\.([A-Za-z0-9_.]+)=(.*)$")
 
@@ -118,8 +119,9 @@ def option_variants(specs: Sequence[str]
       raise ValueError(f"--variant={spec!r} sets nothing; '{DEFAULT}' is the baseline.")
     variants.append((name, text, *parse_options(text)))
   names = [variant[0] for variant in variants]
-  if len(set(names)) != len(names):
-    raise ValueError(f"Variant names must differ (and not be '{DEFAULT}'): {names}")
+  if len(set(names)) != len(names) or CONTROL in names:
+    raise ValueError(f"Variant names must differ (and not be '{DEFAULT}' or '{CONTROL}'): "
+                     f"{names}")
   return variants
 
 

@@ -5,8 +5,8 @@ in one process.
       --variant=nhwc=--xla_gpu_force_conv_nhwc=true \
       --variant=no_command_buffer=--xla_gpu_enable_command_buffer= \
       --variant=bf16=--config.model.dtype=bfloat16 \
-      [--rounds=10] [--steps_per_round=5] [--without_montage] [--json=FILE] \
-      [--batch_size=32] [--dtype=bfloat16] [--config.FIELD=VALUE ...]
+      [--rounds=10] [--steps_per_round=5] [--without_montage] [--nocontrol] \
+      [--json=FILE] [--batch_size=32] [--dtype=bfloat16] [--config.FIELD=VALUE ...]
 
 Compiles the step (`benchmarks.jax_step.CompiledStep`) once as configured ('default')
 and once per `--variant=NAME=FLAGS`. FLAGS mixes XLA flags written as in XLA_FLAGS,
@@ -18,6 +18,9 @@ odd rounds and reversed on even ones; in each round every variant runs
 prints each variant's median over rounds and the median, min and max of its per-round
 ratio to 'default' (< 1: faster), and whether its compiled program differs from the
 default's (identical HLO: the option changed at most code generation, or nothing).
+'control' (on unless --nocontrol) is the default compiled again: an identical program,
+so its ratio shows how far two equal variants land apart here (1.005 / 1.017 over 16
+rounds on the 2-core development host; 0.92 in one 5-variant run of 10 rounds).
 
 Why in one process: on a shared host, separate processes (benchmarks/flags_ab.py) drift
 by 10-30 % from one to the next; one CPU flag looked 25 % faster over three process
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -62,6 +66,10 @@ _WITHOUT_MONTAGE = flags.DEFINE_bool(
     "without_montage", False, "Time the step after the montage (fed float pseudo-videos, "
     "as the PyTorch reference is) instead of the whole step.")
 _JSON = flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
+_CONTROL = flags.DEFINE_bool(
+    "control", True, f"Also time '{ab_rounds.CONTROL}': the default compiled a second time, "
+    "an identical program whose ratio shows how far apart two equal variants land on this "
+    "machine (the noise floor of the other ratios).")
 
 def format_summary(variants: Sequence[tuple[str, str, dict[str, Any], dict[str, str]]],
                    summary: dict[str, dict[str, float]], same_hlo: dict[str, bool]) -> str:
@@ -75,6 +83,17 @@ def format_summary(variants: Sequence[tuple[str, str, dict[str, Any], dict[str, 
                  f"{row['ratio_min']:>6.3f} {row['ratio_max']:>6.3f} "
                  f"{row['chained_ratio_median']:>7.3f}  {hlo:<15} {text}")
   return "\n".join(lines)
+
+
+_SOURCE_TABLES = re.compile(r"^FileNames\n.*?^StackFrames\n.*?\n\n", re.DOTALL | re.MULTILINE)
+_STACK_FRAME = re.compile(r"\s*stack_frame_id=\d+")
+
+
+def program_text(compiled) -> str:
+  """The compiled HLO without its source-location tables (file names, lines, stack
+  frames): two compilations of the same program from different call sites compare
+  equal."""
+  return _STACK_FRAME.sub("", _SOURCE_TABLES.sub("", compiled.as_text()))
 
 
 def time_round(step: jax_step.CompiledStep, steps: int) -> dict[str, float]:
@@ -92,6 +111,8 @@ def main(argv) -> int:
     raise app.UsageError(str(e)) from e
   if len(variants) < 2:
     raise app.UsageError("Give at least one --variant=NAME=FLAGS to compare with 'default'.")
+  if _CONTROL.value:
+    variants.append((ab_rounds.CONTROL, "(the default, compiled again)", {}, {}))
   host_memory.configure(step_flags.HOST_MEMORY.value)  # before the first JAX computation
   config = step_flags.config_from_flags()
   steps: dict[str, jax_step.CompiledStep] = {}
@@ -109,7 +130,7 @@ def main(argv) -> int:
       return 1
     for _ in range(_WARMUP.value):
       step.run_blocking()
-    steps[name], texts[name] = step, step.compiled.as_text()
+    steps[name], texts[name] = step, program_text(step.compiled)
     print(f"{name}: compiled in {step.compile_time_s:.1f} s on "
           f"{jax.devices()[0].device_kind}", flush=True)
   names = [variant[0] for variant in variants]

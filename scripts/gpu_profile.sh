@@ -54,7 +54,7 @@ for phase in $PHASES; do
     flags) run flags 150 "$PYTHON" benchmarks/options_ab.py --config=configs/pretrain.py \
         --batch_size=32 --dtype=bfloat16 --variant=conv_nhwc=--xla_gpu_force_conv_nhwc=true \
         --variant=no_command_buffer=--xla_gpu_enable_command_buffer= \
-        --variant=bn_closed_form=--config.model.bn_gradient=closed_form --rounds=10 \
+        --variant=bn_closed_form=--config.model.bn_gradient=closed_form --rounds=10 --nocontrol \
         --json="$OUT/options_ab.json" ;;
     *) echo "unknown phase $phase" ;;
   esac

@@ -47,8 +47,8 @@ def test_parse_variants_adds_the_default_and_rejects_clashes():
                        {"xla_gpu_force_conv_nhwc": True}, {}),
                       ("f32", "--config.model.dtype=float32", {},
                        {"model.dtype": "float32"})]
-  for specs in (["a=--xla_x=1", "a=--xla_y=1"], ["default=--xla_x=1"], ["empty="],
-                ["a=--jax_x=1"]):
+  for specs in (["a=--xla_x=1", "a=--xla_y=1"], ["default=--xla_x=1"],
+                ["control=--xla_x=1"], ["empty="], ["a=--jax_x=1"]):
     with pytest.raises(ValueError):
       ab_rounds.option_variants(specs)
   with pytest.raises(argparse.ArgumentTypeError):
@@ -108,13 +108,14 @@ def test_end_to_end_on_cpu(tmp_path):
                    f"--json={json_path}")
   assert completed.returncode == 0, completed.stdout + completed.stderr
   results = json.loads(json_path.read_text())
-  names = ["default", "no_ynn", "one_clip"]
+  names = ["default", "no_ynn", "one_clip", "control"]
   assert [v["name"] for v in results["variants"]] == names
   assert results["variants"][1]["options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
   assert results["variants"][2]["config_overrides"] == {"montage.num_clips": "1"}
-  # Both reached the compiler: each variant's program differs from the default's.
+  # Both reached the compiler: each variant's program differs from the default's; the
+  # control is the default compiled again.
   assert results["hlo_identical_to_default"] == {"default": True, "no_ynn": False,
-                                                 "one_clip": False}
+                                                 "one_clip": False, "control": True}
   assert len(results["rounds"]) == 2
   for round_times in results["rounds"]:
     assert all(t > 0 for name in names for t in round_times[name].values())
@@ -124,7 +125,8 @@ def test_end_to_end_on_cpu(tmp_path):
 
 
 def test_an_unknown_option_is_an_error_naming_it(tmp_path):
-  completed = _run(tmp_path, "--variant=bogus=--xla_no_such_option_for_tcvm=1", "--rounds=1")
+  completed = _run(tmp_path, "--variant=bogus=--xla_no_such_option_for_tcvm=1", "--rounds=1",
+                   "--nocontrol")
   assert completed.returncode == 1
   assert "xla_no_such_option_for_tcvm" in completed.stderr
   assert "did not compile" in completed.stderr
