@@ -6,10 +6,11 @@ Conv3D-shaped parameter (checkpoints look like a Conv3D) and computes it as a 2D
 convolution (or a matmul) over a reshaped tensor. On an H200 (bf16, R3D50, 8 x 32 x 112^2)
 this matched native 3D convolutions: 18.8 vs 18.1 ms per forward+backward, one run each.
 
-Three speed-ups with custom gradients (docs/performance.md): the stem's strided conv over 3
+Four speed-ups with custom gradients (docs/performance.md): the stem's strided conv over 3
 channels trains through space-to-depth (CPU and CUDA); on CPU the other strided convs
-take their gradients from their taps instead of stride-dilated convolutions; and the
-max-pool records its winning tap instead of using XLA's select-and-scatter gradient.
+take their gradients from their taps instead of stride-dilated convolutions; the
+max-pool records its winning tap instead of using XLA's select-and-scatter gradient; and
+on CPU BatchNorm's gradient is written in closed form (`BatchNorm`, `batch_norm_train`).
 """
 
 from __future__ import annotations
