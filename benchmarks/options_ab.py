@@ -71,6 +71,7 @@ _CONTROL = flags.DEFINE_bool(
     "an identical program whose ratio shows how far apart two equal variants land on this "
     "machine (the noise floor of the other ratios).")
 
+
 def format_summary(variants: Sequence[tuple[str, str, dict[str, Any], dict[str, str]]],
                    summary: dict[str, dict[str, float]], same_hlo: dict[str, bool]) -> str:
   lines = [f"{'variant':<20} {'step ms':>8} {'chained':>8} {'ratio':>6} {'min':>6} "
