@@ -3,7 +3,8 @@ as compiler options, config overrides, and per-round ratios. No JAX, no absl fla
 importable anywhere.
 
 benchmarks/flags_ab.py runs each variant in a process of its own (XLA_FLAGS);
-benchmarks/options_ab.py compiles them all in one process (compiler options, config overrides).
+benchmarks/options_ab.py compiles them all in one process (compiler options, config
+overrides).
 """
 
 from __future__ import annotations
