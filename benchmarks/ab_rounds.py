@@ -94,7 +94,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
                     ) -> ml_collections.ConfigDict:
   """A copy of `config` with each 'a.b.c' field set from its text, typed as the field's
   current value; ValueError for an unknown field or a value of the wrong type."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = config.copy_and_resolve_references()
   for field, text in overrides.items():
     *path, leaf = field.split(".")
     parent = config
