@@ -32,4 +32,9 @@ def torch_reference_spec(config) -> dict[str, Any]:
       "learning_rate": config.base_learning_rate * config.batch_size / 32,
       "momentum": config.momentum,
       "weight_decay": config.weight_decay,
+      # The montage + augmentation (benchmarks/torch_montage.py).
+      "input_size": config.data.input_size,
+      "montage_variant": config.montage.variant,
+      "augment": {name: (list(value) if isinstance(value, (tuple, list)) else value)
+                  for name, value in config.augment.items()},
   }

@@ -40,7 +40,8 @@ def run_once(request: dict[str, Any], timeout_s: int) -> dict[str, Any]:
 
 
 class TorchStepServer:
-  """A torch_reference.py --serve process: one timed eager step per `step()` call.
+  """A torch_reference.py --serve process: one timed step per `step()` call (eager, or
+  torch.compile'd with the request's compile_model).
 
   For benchmark.py --interleave, which alternates these steps with its own JAX steps.
   """
@@ -55,7 +56,8 @@ class TorchStepServer:
         [sys.executable, _SCRIPT, f"--spec={spec_path}", "--serve"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     try:
-      self._expect("ready")
+      # "ready compiled" / "ready eager": whether torch.compile served (see serve_steps).
+      self.compiled = self._expect("ready").split()[-1] == "compiled"
     except RuntimeError:
       self.close()
       raise
@@ -73,14 +75,15 @@ class TorchStepServer:
       code = self._process.wait(timeout=self._timeout_s)
       raise RuntimeError(f"torch reference server exited (code {code}) waiting for {what}; "
                          "its error is printed above.")
-    if what == "ready" and line != "ready":
+    if what == "ready" and line.split()[0] != "ready":
       raise RuntimeError(f"torch reference server said {line!r}, expected 'ready'.")
     return line
 
-  def step(self) -> float:
-    """Seconds the server's step took, timed in the server."""
+  def step(self, which: str = "step") -> float:
+    """Seconds the server's step took, timed in the server: `which` is "step" (the whole
+    step) or "model_step" (without the montage)."""
     try:
-      self._process.stdin.write("step\n")
+      self._process.stdin.write(f"{which}\n")
       self._process.stdin.flush()
     except BrokenPipeError:
       pass  # it has exited: _expect reads the end of its output and says so

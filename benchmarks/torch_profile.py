@@ -1,9 +1,10 @@
 r"""Where the PyTorch reference step's device time goes (for comparison with JAX's).
 
   python benchmarks/torch_profile.py --config=configs/pretrain.py --batch_size=32 \
-      --dtype=bfloat16 [--steps=3] [--compile] [--json=FILE]
+      --dtype=bfloat16 [--steps=3] [--compile] [--without_montage] [--json=FILE]
 
-Profiles the reference step of benchmarks/torch_reference.py (no montage) with
+Profiles the reference step of benchmarks/torch_reference.py (montage + augmentation +
+model, or the model alone with --without_montage) with
 torch.profiler and prints device kernel time per step grouped by a kernel-name heuristic
 (`trace_summary.kernel_category`: convolution, matmul, batch norm, copy/transpose, other)
 plus the top kernels. Needs torch;
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--compile", action="store_true")
+  parser.add_argument("--without_montage", action="store_true",
+                      help="profile the step on already-augmented pseudo-videos")
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
@@ -46,15 +49,16 @@ def main(argv=None) -> int:
   spec = torch_reference.ReferenceSpec(**benchmarks.torch_reference_spec(config))
   step = torch_reference.build_train_step(spec, batch_size=args.batch_size, dtype=args.dtype,
                                           compile_model=args.compile)
+  run = step.model_run if args.without_montage else step.run
   for _ in range(5):
-    step.run()
+    run()
   step.synchronize()
   activities = [torch.profiler.ProfilerActivity.CPU]
   if torch.cuda.is_available():
     activities.append(torch.profiler.ProfilerActivity.CUDA)
   with torch.profiler.profile(activities=activities) as profiler:
     for _ in range(args.steps):
-      step.run()
+      run()
     step.synchronize()
   per_kernel = collections.defaultdict(lambda: [0.0, 0])
   for event in profiler.events():

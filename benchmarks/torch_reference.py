@@ -18,9 +18,11 @@ The same network as `tcvm_jax` (backbones.py, heads.py, model.py) and the same l
 Module and parameter names mirror the Flax model's (`backbone.stages.2.0.conv_a.weight`
 <-> `backbone/stages/2/0/conv_a/kernel`) so tests can copy weights across and compare.
 
-The timed step starts from already-augmented float pseudo-videos generated on the device:
-it EXCLUDES the montage and augmentation, which the JAX step includes, so the ratio it
-gives is conservative for JAX.
+The timed step is the JAX step's work: Video Montage and per-clip MoCo v2 augmentation of
+device-resident uint8 videos (benchmarks/torch_montage.py, batched tensor ops), then
+forward, backward and update. It is also timed without the montage (on fixed,
+already-augmented float pseudo-videos) and the montage alone, for like-for-like ratios of
+either part.
 
 Never imported by the `tcvm_jax` package. Run by scripts/benchmark.py in its own process
 (`python benchmarks/torch_reference.py --spec=FILE --json=FILE`), so that PyTorch and JAX
@@ -42,6 +44,11 @@ from typing import Any, Callable, Sequence, TextIO
 
 import torch
 from torch import nn
+
+if __package__:
+  from benchmarks import torch_montage
+else:  # run as a script: benchmarks/ is on sys.path
+  import torch_montage  # pylint: disable=g-import-not-at-top
 
 POSITIVE_REDUCTIONS = ("mean", "sum")
 
@@ -83,6 +90,9 @@ class ReferenceSpec:
   learning_rate: float = 0.1
   momentum: float = 0.9
   weight_decay: float = 1e-4
+  input_size: int = 64        # data.input_size: the uint8 frames the montage crops.
+  montage_variant: str = "C-A-S"
+  augment: dict[str, Any] | None = None  # config.augment; None: AugmentSettings' defaults.
 
   def __post_init__(self):
     if self.backbone not in BACKBONES:
@@ -94,6 +104,16 @@ class ReferenceSpec:
     if self.positive_reduction not in POSITIVE_REDUCTIONS:
       raise ValueError(f"loss.positive_reduction={self.positive_reduction!r}; choose from "
                        f"{POSITIVE_REDUCTIONS}.")
+    if self.montage_variant != "C-A-S":
+      raise ValueError(f"montage.variant={self.montage_variant!r}: the torch reference "
+                       "implements the paper's 'C-A-S' only.")
+    self.augment_settings  # pylint: disable=pointless-statement  # fails early on bad fields
+
+  @property
+  def augment_settings(self) -> torch_montage.AugmentSettings:
+    fields = {name: tuple(value) if isinstance(value, (list, tuple)) else value
+              for name, value in (self.augment or {}).items()}
+    return torch_montage.AugmentSettings(**fields)
 
   @property
   def clip_length(self) -> int:
@@ -371,10 +391,22 @@ def count_parameters(module: nn.Module) -> int:
 
 @dataclasses.dataclass
 class ReferenceStep:
-  """One built training step. `run()` does one step (asynchronous on CUDA) and returns the
-  loss; `eager_run` is the same step without torch.compile (the fallback)."""
+  """One built training step; each call does one step (asynchronous on CUDA) and returns
+  the loss.
+
+  run / eager_run              the whole step: montage + augmentation of device-resident
+                               uint8 videos, forward, backward, SGD (eager_run without
+                               torch.compile: the fallback).
+  model_run / eager_model_run  forward + backward + SGD on fixed, already-augmented float
+                               pseudo-videos (the step without the montage).
+  montage_run / eager_montage_run  the montage + augmentation alone.
+  """
   run: Callable[[], torch.Tensor]
   eager_run: Callable[[], torch.Tensor]
+  model_run: Callable[[], torch.Tensor]
+  eager_model_run: Callable[[], torch.Tensor]
+  montage_run: Callable[[], torch.Tensor]
+  eager_montage_run: Callable[[], torch.Tensor]
   model: TCVMReference
   device: torch.device
   compile_error: str | None = None
@@ -383,11 +415,17 @@ class ReferenceStep:
     if self.device.type == "cuda":
       torch.cuda.synchronize(self.device)
 
+  def eager(self) -> "ReferenceStep":
+    """The same step with every part eager (after a torch.compile failure)."""
+    return dataclasses.replace(self, run=self.eager_run, model_run=self.eager_model_run,
+                               montage_run=self.eager_montage_run)
+
 
 def build_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "float32",
                      compile_model: bool = False, device: str | None = None,
                      seed: int = 0) -> ReferenceStep:
-  """Model, SGD and device-resident float pseudo-videos for forward + backward + update."""
+  """Model, SGD and device-resident inputs: uint8 videos (B, T, input_size, input_size, 3)
+  for the whole step, float pseudo-videos (B, T, S, S, 3) for the model-only step."""
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={dtype!r}; choose 'float32' or 'bfloat16'.")
   if batch_size < 1:
@@ -409,43 +447,76 @@ def build_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "floa
   except (RuntimeError, TypeError):
     optimizer = torch.optim.SGD(model.parameters(), **sgd_kwargs)
 
-  # Already-augmented, normalised pseudo-videos: the montage is NOT part of this step.
-  videos = torch.randn(batch_size, spec.num_frames, spec.frame_size, spec.frame_size, 3,
-                       device=device)
-  pseudo_videos = to_backbone_layout(videos, spec)
-  # Each source video's s clips sit somewhere in the batch, as after the montage.
-  labels = torch.arange(batch_size * spec.num_clips, device=device) // spec.num_clips
-  labels = labels[torch.randperm(labels.shape[0], device=device)]
+  # The whole step's input: raw uint8 videos, as the JAX step gets them.
+  videos = torch.randint(0, 256, (batch_size, spec.num_frames, spec.input_size,
+                                  spec.input_size, 3), dtype=torch.uint8, device=device)
+  settings = spec.augment_settings
+
+  def montage(videos):
+    return torch_montage.video_montage(videos, num_clips=spec.num_clips,
+                                       out_size=spec.frame_size, settings=settings)
+
+  # The model-only step's input: already-augmented, normalised pseudo-videos, and labels
+  # as the montage gives them (each source's s clips somewhere in the batch).
+  fixed_videos = torch.randn(batch_size, spec.num_frames, spec.frame_size, spec.frame_size,
+                             3, device=device)
+  fixed_labels = torch.arange(batch_size * spec.num_clips, device=device) // spec.num_clips
+  fixed_labels = fixed_labels[torch.randperm(fixed_labels.shape[0], device=device)]
   autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
-  def make_step(step_objective):
-    def train_step() -> torch.Tensor:
+  def make_steps(step_objective, step_montage):
+    def update(pseudo_videos, labels) -> torch.Tensor:
       optimizer.zero_grad(set_to_none=True)
       with autocast:
-        loss = step_objective(pseudo_videos, labels)
+        loss = step_objective(to_backbone_layout(pseudo_videos, spec), labels)
       loss.backward()
       optimizer.step()
       return loss.detach()
-    return train_step
 
-  eager_run = make_step(objective)
-  run, compile_error = eager_run, None
+    def montage_step() -> torch.Tensor:
+      with torch.no_grad():
+        return step_montage(videos)[0]
+
+    def train_step() -> torch.Tensor:
+      with torch.no_grad():
+        pseudo_videos, labels = step_montage(videos)
+      return update(pseudo_videos, labels)
+
+    return train_step, lambda: update(fixed_videos, fixed_labels), montage_step
+
+  eager = make_steps(objective, montage)
+  compiled, compile_error = eager, None
   if compile_model:
     try:
-      run = make_step(torch.compile(objective))
+      compiled = make_steps(torch.compile(objective), torch.compile(montage))
     except Exception as error:  # pylint: disable=broad-except
       compile_error = f"{type(error).__name__}: {str(error)[:500]}"
-  return ReferenceStep(run=run, eager_run=eager_run, model=model, device=device,
+  return ReferenceStep(run=compiled[0], eager_run=eager[0], model_run=compiled[1],
+                       eager_model_run=eager[1], montage_run=compiled[2],
+                       eager_montage_run=eager[2], model=model, device=device,
                        compile_error=compile_error)
+
+
+def _timed_calls(run: Callable[[], Any], step: ReferenceStep, count: int) -> list[float]:
+  """`count` synchronised calls of `run`, in seconds each."""
+  times = []
+  for _ in range(count):
+    start = time.perf_counter()
+    run()
+    step.synchronize()
+    times.append(time.perf_counter() - start)
+  return times
 
 
 def benchmark_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "float32",
                          steps: int = 10, warmup: int = 2, compile_model: bool = False,
                          device: str | None = None, seed: int = 0) -> dict[str, Any]:
-  """Times forward + backward + SGD on device-resident float pseudo-videos.
+  """Times the whole step (montage + augmentation + forward + backward + SGD), the step
+  without the montage, and the montage alone.
 
-  Returns a dict of figures; `step_time_s` is the median over `steps` timed steps, each
-  synchronised. `compile_time_s` is the first compiled call (compile + one step).
+  Returns a dict of figures; `step_time_s` is the whole step's median over `steps` timed
+  steps, each synchronised. `compile_time_s` is the first compiled call (compile + one
+  step).
   """
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps ({steps}) must be >= 1 and warmup ({warmup}) >= 0.")
@@ -459,30 +530,33 @@ def benchmark_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "
       step.run()
       step.synchronize()
       compile_time_s = time.perf_counter() - start
+      step.model_run()
+      step.montage_run()
+      step.synchronize()
     except Exception as error:  # pylint: disable=broad-except
       compile_error = f"{type(error).__name__}: {str(error)[:500]}"
       print(f"torch.compile failed, timing eager mode instead: {compile_error}",
             file=sys.stderr)
-  run = step.run if compile_error is None else step.eager_run
+  if compile_error is not None:
+    step = step.eager()
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
-  for _ in range(warmup):
-    run()
+  for run in (step.run, step.model_run, step.montage_run):
+    for _ in range(warmup):
+      run()
   step.synchronize()
-  step_times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    loss = run()
-    step.synchronize()
-    step_times.append(time.perf_counter() - start)
+  step_times = _timed_calls(step.run, step, steps)
+  model_step_times = _timed_calls(step.model_run, step, steps)
+  montage_times = _timed_calls(step.montage_run, step, steps)
   # Back to back, one wait at the end (how training runs): hides per-step host latency.
   start = time.perf_counter()
   for _ in range(steps):
-    loss = run()
+    loss = step.run()
   step.synchronize()
   chained_step_time_s = (time.perf_counter() - start) / steps
   final_loss = float(loss)
   step_time_s = statistics.median(step_times)
+  montage_time_s = statistics.median(montage_times)
   model = step.model
   return {
       "torch_version": torch.__version__,
@@ -498,6 +572,11 @@ def benchmark_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "
       "step_time_min_s": min(step_times),
       "chained_step_time_s": chained_step_time_s,
       "videos_per_s": batch_size / step_time_s,
+      "model_step_time_s": statistics.median(model_step_times),
+      "model_step_times_s": model_step_times,
+      "model_step_time_min_s": min(model_step_times),
+      "montage_time_s": montage_time_s,
+      "montage_share": montage_time_s / step_time_s,
       "compiled": compile_model and compile_error is None,
       "compile_time_s": compile_time_s,
       "compile_error": compile_error,
@@ -506,35 +585,53 @@ def benchmark_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "
       "total_params": count_parameters(model),
       "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
                             if device.type == "cuda" else None),
-      "includes_montage": False,
+      "includes_montage": True,
   }
+
+
+SERVED_STEPS = ("step", "model_step")  # serve_steps' requests: the whole step, no montage
 
 
 def serve_steps(step: ReferenceStep, *, warmup: int, commands: TextIO,
                 replies: TextIO) -> int:
-  """Runs one timed step per "step" line read from `commands`, replying its seconds.
+  """Runs one timed step per line read from `commands`, replying its seconds: "step" the
+  whole step (montage included), "model_step" the step without the montage.
 
   For a parent process that alternates its own JAX steps with these (benchmark.py
   --interleave): the two steps see the same load from other jobs on a shared host, and
   each keeps its own process, heap and thread pools. In one process, PyTorch's step ran
   6-30 % slower once an XLA:CPU program had been compiled beside it (docs/performance.md).
-  Replies "ready" after the warm-up; stops at end of input or "stop". Returns the number
-  of timed steps.
+  A step built with torch.compile is compiled during the warm-up; if that fails, the
+  eager step is served. Replies "ready compiled" or "ready eager" after the warm-up;
+  stops at end of input or "stop". Returns the number of timed steps.
   """
-  run = step.eager_run
-  for _ in range(warmup):
-    run()
+  compiled = step.run is not step.eager_run
+  try:
+    for run in (step.run, step.model_run):
+      for _ in range(max(warmup, 1 if compiled else 0)):
+        run()
+  except Exception as error:  # pylint: disable=broad-except
+    if not compiled:
+      raise
+    print(f"torch.compile failed, serving the eager step: {type(error).__name__}: "
+          f"{str(error)[:500]}", file=sys.stderr)
+    compiled, step = False, step.eager()
+    for run in (step.run, step.model_run):
+      for _ in range(warmup):
+        run()
   step.synchronize()
-  print("ready", file=replies, flush=True)
+  runs = dict(zip(SERVED_STEPS, (step.run, step.model_run)))
+  print(f"ready {'compiled' if compiled else 'eager'}", file=replies, flush=True)
   count = 0
   for line in commands:
     command = line.strip()
     if command == "stop":
       break
-    if command != "step":
-      raise ValueError(f"unknown command {command!r}; expected 'step' or 'stop'.")
+    if command not in runs:
+      raise ValueError(f"unknown command {command!r}; expected one of {SERVED_STEPS} or "
+                       "'stop'.")
     start = time.perf_counter()
-    run()
+    runs[command]()
     step.synchronize()
     print(repr(time.perf_counter() - start), file=replies, flush=True)
     count += 1
@@ -546,9 +643,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--spec", required=True, help="JSON file: ReferenceSpec fields plus "
                       "batch_size, dtype, steps, warmup, compile_model.")
   parser.add_argument("--json", help="where to write the figures (timed run).")
-  parser.add_argument("--serve", action="store_true", help="build the eager step, warm it "
-                      "up, then time one step per 'step' line on stdin and print its seconds "
-                      "(see serve_steps).")
+  parser.add_argument("--serve", action="store_true", help="build the step (compiled with "
+                      "compile_model), warm it up, then time one step per 'step' (whole) or 'model_step' (without "
+                      "the montage) line on stdin and print its seconds (see serve_steps).")
   args = parser.parse_args(argv)
   if not (args.serve or args.json):
     parser.error("give --json=FILE, or --serve.")
@@ -564,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   spec = ReferenceSpec(**request)
   if args.serve:
     step = build_train_step(spec, batch_size=run_kwargs["batch_size"],
-                            dtype=run_kwargs.get("dtype", "float32"))
+                            dtype=run_kwargs.get("dtype", "float32"),
+                            compile_model=run_kwargs.get("compile_model", False))
     serve_steps(step, warmup=run_kwargs.get("warmup", 2), commands=sys.stdin,
                 replies=sys.stdout)
     return 0

@@ -14,18 +14,23 @@ MFU against the device's dense peak (null where unknown, e.g. CPU), a model-FLOP
 of the step taken by the montage + augmentation timed alone on the same input.
 
 PyTorch (benchmarks/torch_reference.py, its own process, run first so the two never share
-a GPU or its CUDA libraries): the same network, loss and SGD update on float pseudo-videos
-already on the device; it EXCLUDES the montage, so `torch_ratio` = jax videos/s / torch
-videos/s is conservative for JAX (`torch_ratio_without_montage` subtracts the montage's
-time from the JAX step; `torch_ratio_min` compares the fastest steps, steadier on a shared
-CPU host). bf16 autocast when --dtype=bfloat16, channels-last(-3d) memory;
---torch_compile adds a torch.compile run (own process) and the faster run counts.
+a GPU or its CUDA libraries): the same step, i.e. the montage + augmentation of uint8
+videos on the device (benchmarks/torch_montage.py), the same network, loss and SGD
+update; also timed without the montage (on float pseudo-videos already on the device) and
+the montage alone. `torch_ratio` = jax videos/s / torch videos/s, whole step against whole
+step; `torch_ratio_without_montage` = both steps without their montage (JAX's step less
+its montage timed alone); `torch_ratio_vs_torch_without_montage` = the whole JAX step
+against torch's step without montage (the only ratio before 2026-11-26's seventh
+session); `torch_ratio_min` compares the fastest steps, steadier on a shared CPU host.
+bf16 autocast when --dtype=bfloat16, channels-last(-3d) memory; --torch_compile adds a
+torch.compile run (own process; model and montage compiled) and the faster run counts.
 --interleave=N (CPU) runs N rounds of: --interleave_block JAX steps, as many JAX steps
-without the montage (on float pseudo-videos, like the torch step: `ratio_model_only`) and
-as many eager torch steps, so all see the same load from other jobs on a shared host. The
-torch steps run in a server process of their own (torch_reference.py --serve), and the
-first step of each block is not counted (cold caches): sharing this process slowed
-PyTorch's step by 6-30 % (docs/performance.md).
+without the montage (on float pseudo-videos), as many torch steps and torch steps
+without the montage (`ratio` whole vs whole, `ratio_model_only` without montage on both
+sides), so all see the same load from other jobs on a shared host. The torch steps run in
+a server process of their own (torch_reference.py --serve; torch.compile'd with
+--torch_compile), and the first step of each block is not counted (cold caches): sharing
+this process slowed PyTorch's step by 6-30 % (docs/performance.md).
 --reuse_jax_json=FILE skips JAX and takes its figures from an earlier run's JSON (for a
 later torch.compile-only run on the same machine). Parameter counts of the two models are
 printed and must be equal (exit code 1 otherwise).
@@ -81,10 +86,11 @@ _SCALING_TIMEOUT = flags.DEFINE_integer("scaling_timeout_s", 900, "Per scaling r
 _INPUT_PIPELINE = flags.DEFINE_bool("input_pipeline", False,
                                     "Also measure decoded clips/s per CPU core.")
 _INTERLEAVE = flags.DEFINE_integer(
-    "interleave", 0, "CPU only: also alternate this many rounds of JAX, JAX-without-montage "
-    "and (eager) torch steps, --interleave_block steps of each per round (torch in a server "
-    "process of its own), so all see the same load from other jobs on a shared host; "
-    "reported as `interleaved`. 0: off.", lower_bound=0)
+    "interleave", 0, "CPU only: also alternate this many rounds of JAX, JAX-without-montage, "
+    "torch and torch-without-montage steps, --interleave_block steps of each per round "
+    "(torch in a server process of its own, eager unless --torch_compile), so all see the "
+    "same load from other jobs on a shared host; reported as `interleaved`. 0: off.",
+    lower_bound=0)
 _INTERLEAVE_BLOCK = flags.DEFINE_integer(
     "interleave_block", 4, "Steps of each kind per --interleave round; the first of each "
     "block is not counted (it starts with the caches the other program left).",
@@ -229,10 +235,13 @@ def format_table(results: dict[str, Any]) -> str:
       ("torch step (min)", _fmt(results["torch"].get("step_time_min_s"), " ms", 1e-3)),
       ("torch step (chained)", _fmt(results["torch"].get("chained_step_time_s"), " ms", 1e-3)),
       ("torch pseudo-videos/s", _fmt(results["torch_videos_per_s"])),
+      ("torch step, no montage", _fmt(results.get("torch_model_step_time_s"), " ms", 1e-3)),
+      ("torch montage alone", _fmt(results.get("torch_montage_time_s"), " ms", 1e-3)),
       ("torch eager step", _fmt(results["torch"].get("eager_step_time_s"), " ms", 1e-3)),
       ("torch compiled step", _fmt(results["torch"].get("compiled_step_time_s"), " ms", 1e-3)),
       ("ratio JAX/torch (v/s)", _fmt(results["torch_ratio"])),
-      ("ratio, JAX less montage", _fmt(results.get("torch_ratio_without_montage"))),
+      ("ratio, both less montage", _fmt(results.get("torch_ratio_without_montage"))),
+      ("ratio vs torch no montage", _fmt(results.get("torch_ratio_vs_torch_without_montage"))),
       ("ratio from min steps", _fmt(results.get("torch_ratio_min"))),
       ("ratio, chained steps", _fmt(results.get("torch_ratio_chained"))),
       ("interleaved JAX / torch", (
@@ -241,7 +250,8 @@ def format_table(results: dict[str, Any]) -> str:
           f"{results['interleaved']['ratio']:.3g}"
           if results.get("interleaved") and "ratio" in results["interleaved"] else "n/a")),
       ("interleaved, no montage", (
-          f"JAX {results['interleaved']['jax_model_only_step_time_s'] * 1e3:.1f} ms, ratio "
+          f"{results['interleaved']['jax_model_only_step_time_s'] * 1e3:.1f} ms / "
+          f"{results['interleaved']['torch_model_only_step_time_s'] * 1e3:.1f} ms, ratio "
           f"{results['interleaved']['ratio_model_only']:.3g}"
           if results.get("interleaved") and "ratio" in results["interleaved"] else "n/a")),
       ("params JAX / torch", f"{results['params']['jax_total']} / "
@@ -339,8 +349,9 @@ def reused_jax_section(path: str, config) -> dict[str, Any]:
 
 
 def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: int,
-                    retain_host_memory: bool) -> dict[str, Any]:
-  """Rounds of `block` JAX steps, JAX steps without montage, torch steps (CPU; --interleave).
+                    retain_host_memory: bool, compile_torch: bool = False) -> dict[str, Any]:
+  """Rounds of `block` steps of each: JAX, JAX without montage, torch, torch without
+  montage (CPU; --interleave; torch.compile'd torch steps with `compile_torch`).
 
   The torch steps run in a server process (benchmarks/torch_process.py) between ours, so
   both see the same load from other jobs while keeping their own heaps (in this process
@@ -361,7 +372,7 @@ def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: 
     return {"skipped": "torch is not importable; --interleave skipped."}
 
   request = dict(benchmarks.torch_reference_spec(config), batch_size=config.batch_size,
-                 dtype=config.model.dtype, warmup=warmup,
+                 dtype=config.model.dtype, warmup=warmup, compile_model=compile_torch,
                  retain_host_memory=retain_host_memory)
   try:
     torch_server = torch_process.TorchStepServer(request, timeout_s)
@@ -379,7 +390,8 @@ def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: 
 
     runs = {"jax": lambda: timed(jax_compiled.run_blocking),
             "jax_model_only": lambda: timed(jax_model_only.run_blocking),
-            "torch": torch_server.step}
+            "torch": lambda: torch_server.step("step"),
+            "torch_model_only": lambda: torch_server.step("model_step")}
     for _ in range(warmup):
       for name in ("jax", "jax_model_only"):
         runs[name]()
@@ -395,27 +407,34 @@ def run_interleaved(config, *, rounds: int, block: int, warmup: int, timeout_s: 
   finally:
     torch_server.close()
   medians = {name: float(np.median(values)) for name, values in times.items()}
+
+  def per_pair_median(numerator, denominator):
+    return float(np.median(np.array(times[numerator]) / np.array(times[denominator])))
+
   return {
       "rounds": rounds,
       "block": block,
       "steps_counted": rounds * (block - 1),
       "torch_process": "separate (benchmarks/torch_reference.py --serve)",
+      "torch_compiled": torch_server.compiled,
       "jax_step_time_s": medians["jax"],
       "jax_model_only_step_time_s": medians["jax_model_only"],
       "torch_step_time_s": medians["torch"],
+      "torch_model_only_step_time_s": medians["torch_model_only"],
       "jax_step_times_s": times["jax"],
       "jax_model_only_step_times_s": times["jax_model_only"],
       "torch_step_times_s": times["torch"],
+      "torch_model_only_step_times_s": times["torch_model_only"],
       "first_in_block_step_times_s": first_in_block,
-      # jax videos/s over torch videos/s, as torch_ratio: the whole JAX step, and the JAX
-      # step without its montage (the same work as the torch step).
+      # jax videos/s over torch videos/s, as torch_ratio: the whole steps, the steps
+      # without their montage, and the whole JAX step against torch's without montage.
       "ratio": medians["torch"] / medians["jax"],
-      "ratio_model_only": medians["torch"] / medians["jax_model_only"],
+      "ratio_model_only": medians["torch_model_only"] / medians["jax_model_only"],
+      "ratio_vs_torch_without_montage": medians["torch_model_only"] / medians["jax"],
       # Per adjacent pair of counted steps, then the median: steadier when the load drifts.
-      "ratio_per_pair_median": float(np.median(np.array(times["torch"])
-                                               / np.array(times["jax"]))),
-      "ratio_model_only_per_pair_median": float(np.median(
-          np.array(times["torch"]) / np.array(times["jax_model_only"]))),
+      "ratio_per_pair_median": per_pair_median("torch", "jax"),
+      "ratio_model_only_per_pair_median": per_pair_median("torch_model_only",
+                                                          "jax_model_only"),
   }
 
 
@@ -439,7 +458,7 @@ def main(argv: Sequence[str]) -> int:
   # 1. PyTorch first, in its own process: it must not find a GPU already claimed by JAX.
   torch_figures: dict[str, Any] = {"skipped": "--no_torch: PyTorch reference not run."}
   if _TORCH.value and not _NO_TORCH.value:
-    log("PyTorch reference (own process; excludes the montage) ...")
+    log("PyTorch reference (own process) ...")
     torch_figures = run_torch_reference(
         config, steps=_TORCH_STEPS.value or _STEPS.value, warmup=_WARMUP.value,
         eager=_TORCH_EAGER.value, compiled=_TORCH_COMPILE.value,
@@ -452,8 +471,6 @@ def main(argv: Sequence[str]) -> int:
     log(torch_figures["skipped"])
     notes.append(torch_figures["skipped"])
   else:
-    notes.append("The torch step starts from float pseudo-videos on the device: it excludes "
-                 "the montage + augmentation that the JAX step includes.")
     if torch_figures.get("compile_error"):
       notes.append(f"torch.compile did not give a timing: {torch_figures['compile_error']}")
 
@@ -503,7 +520,8 @@ def main(argv: Sequence[str]) -> int:
     interleaved = run_interleaved(config, rounds=_INTERLEAVE.value,
                                   block=_INTERLEAVE_BLOCK.value, warmup=_WARMUP.value,
                                   timeout_s=_TORCH_TIMEOUT.value,
-                                  retain_host_memory=host_memory_retained)
+                                  retain_host_memory=host_memory_retained,
+                                  compile_torch=_TORCH_COMPILE.value)
     if "skipped" in interleaved:
       notes.append(interleaved["skipped"])
 
@@ -513,11 +531,19 @@ def main(argv: Sequence[str]) -> int:
       "torch_videos_per_s": torch_videos_per_s,
       "torch_ratio": (results["videos_per_s"] / torch_videos_per_s
                       if torch_videos_per_s else None),
-      # Like for like: the JAX step less its montage (timed alone), vs the torch step.
+      # Without the montage on both sides: the JAX step less its montage (timed alone), vs
+      # the torch step on already-augmented pseudo-videos.
       "torch_ratio_without_montage": (
-          torch_figures["step_time_s"] / (results["step_time_s"] - results["montage_time_s"])
+          torch_figures["model_step_time_s"]
+          / (results["step_time_s"] - results["montage_time_s"])
           if torch_ok and results.get("montage_time_s") is not None
           and results["step_time_s"] > results["montage_time_s"] else None),
+      # The whole JAX step against the torch step without montage (before 2026-11-26's
+      # seventh session the only ratio: the reference then had no montage).
+      "torch_ratio_vs_torch_without_montage": (
+          torch_figures["model_step_time_s"] / results["step_time_s"] if torch_ok else None),
+      "torch_model_step_time_s": torch_figures["model_step_time_s"] if torch_ok else None,
+      "torch_montage_time_s": torch_figures["montage_time_s"] if torch_ok else None,
       # Both steps dispatched back to back (as in training), one wait at the end.
       "torch_ratio_chained": (torch_figures["chained_step_time_s"]
                               / results["chained_step_time_s"]

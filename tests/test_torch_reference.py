@@ -5,6 +5,8 @@ drives. Skipped as a whole where torch is not installed (it is optional; CI has 
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -134,13 +136,114 @@ def test_torch_reference_computes_the_jax_function(backbone):
   np.testing.assert_allclose(float(torch_loss), jax_loss, rtol=1e-3)
 
 
+# --- The montage + augmentation of the reference's step is the JAX one -------------------
+
+from benchmarks import torch_montage  # noqa: E402  pylint: disable=wrong-import-position
+from tcvm_jax import augment  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _as_jax_params(params, out_size: int) -> augment.AugmentParams:
+  def jax_array(value):
+    value = value.numpy()
+    return jnp.asarray(value.astype(np.int32) if value.dtype == np.int64 else value)
+  return augment.AugmentParams(
+      **{field.name: jax_array(getattr(params, field.name))
+         for field in dataclasses.fields(torch_montage.ClipParams)}, out_size=out_size)
+
+
+def test_torch_augmentation_equals_jax_apply_augment():
+  """Given the same parameters, every clip's torch augmentation is JAX's apply_augment
+  (crop, resize with antialias, flip, all 24 jitter orders on and off, grayscale, blur)."""
+  num, length, height, width, out_size = 48, 3, 40, 52, 28
+  settings = torch_montage.AugmentSettings()
+  torch.manual_seed(3)
+  params = torch_montage.sample_params(num, (height, width), out_size, settings,
+                                       torch.device("cpu"))
+  every = torch.arange(num)
+  params.jitter_order = torch.stack([torch.tensor(order) for order in
+                                     itertools.permutations(range(4))])[every % 24]
+  params.jitter = every < 24 + 12  # each order on, half of them also off
+  params.grayscale = every % 5 == 0
+  params.blur = every % 2 == 0
+  params.flip = every % 3 == 0
+  clips = np.random.default_rng(4).integers(0, 256, (num, length, height, width, 3), np.uint8)
+  torch_out = torch_montage.augment_clips(torch.from_numpy(clips), params, out_size, settings)
+  expected = jax.vmap(augment.apply_augment)(_as_jax_params(params, out_size),
+                                             jnp.asarray(clips))
+  assert torch_out.shape == (num, length, out_size, out_size, 3)
+  np.testing.assert_allclose(torch_out.numpy(), np.asarray(expected), atol=2e-4)
+
+
+def test_torch_crop_boxes_equal_jax_crop_boxes():
+  """torchvision's RandomResizedCrop rules, vectorised in both frameworks: the same uniform
+  draws give the same boxes, including the fallback when no candidate fits."""
+  uniforms = np.random.default_rng(5).random((200, 22)).astype(np.float32)
+  for in_hw, scale, ratio in (((64, 64), (0.2, 1.0), (3 / 4, 4 / 3)),
+                              ((40, 90), (0.08, 1.0), (3 / 4, 4 / 3)),
+                              ((40, 90), (0.95, 1.0), (3.0, 4.0))):  # rarely fits
+    boxes = torch_montage.crop_boxes(torch.from_numpy(uniforms), in_hw, scale, ratio).numpy()
+    expected = jax.vmap(lambda u: augment.crop_box_from_uniforms(u, in_hw, scale, ratio))(
+        jnp.asarray(uniforms))
+    np.testing.assert_array_equal(boxes, np.asarray(expected))
+    assert (boxes[:, 0] + boxes[:, 2] <= in_hw[0]).all()
+    assert (boxes[:, 1] + boxes[:, 3] <= in_hw[1]).all()
+
+
+def test_torch_montage_moves_every_clip_once_and_labels_its_source():
+  """Augmentation made an identity (whole-frame crop at the input size, no colour ops,
+  mean 0 / std 1): each slot holds clip k of its labelled source, each (video, clip) is
+  used once, and a pseudo-video's clips come from different videos."""
+  num_videos, num_clips, length, size = 6, 3, 2, 8
+  settings = torch_montage.AugmentSettings(
+      crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
+      grayscale_prob=0.0, blur_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  frames = np.arange(num_videos * num_clips * length, dtype=np.uint8)  # video-major ids
+  videos = np.broadcast_to(frames.reshape(num_videos, num_clips * length, 1, 1, 1),
+                           (num_videos, num_clips * length, size, size, 3))
+  torch.manual_seed(6)
+  pseudo, labels = torch_montage.video_montage(
+      torch.from_numpy(np.ascontiguousarray(videos)), num_clips=num_clips, out_size=size,
+      settings=settings)
+  assert pseudo.shape == (num_videos, num_clips * length, size, size, 3)
+  labels = labels.numpy().reshape(num_videos, num_clips)
+  frame_ids = np.rint(pseudo.numpy()[:, :, 0, 0, 0] * 255).astype(int)  # (N, T)
+  np.testing.assert_allclose(pseudo.numpy(), np.broadcast_to(
+      frame_ids[:, :, None, None, None] / 255, pseudo.shape), atol=1e-6)  # whole frames
+  for n in range(num_videos):
+    assert len(set(labels[n])) == num_clips
+    for k in range(num_clips):
+      first = (labels[n, k] * num_clips + k) * length
+      np.testing.assert_array_equal(frame_ids[n, k * length:(k + 1) * length],
+                                    np.arange(first, first + length))
+  assert sorted(map(tuple, np.stack([labels, np.broadcast_to(np.arange(num_clips),
+                                                             labels.shape)], -1)
+                    .reshape(-1, 2))) == [(v, k) for v in range(num_videos)
+                                          for k in range(num_clips)]
+
+
+def test_torch_montage_refuses_what_it_does_not_implement():
+  config = tiny_benchmark_config()
+  config.montage.variant = "A-C-S"
+  with pytest.raises(ValueError, match="C-A-S"):
+    _reference_spec(config)
+  config = tiny_benchmark_config()
+  config.augment.unknown_option = 1.0
+  with pytest.raises(TypeError, match="unknown_option"):
+    _reference_spec(config)
+
+
 def test_torch_benchmark_step_runs():
   spec = _reference_spec(tiny_benchmark_config())
   figures = torch_reference.benchmark_train_step(spec, batch_size=2, steps=3, warmup=0)
   assert figures["step_time_s"] == pytest.approx(float(np.median(figures["step_times_s"])))
   assert figures["videos_per_s"] == pytest.approx(2 / figures["step_time_s"])
-  assert figures["includes_montage"] is False and figures["compiled"] is False
+  assert figures["includes_montage"] is True and figures["compiled"] is False
   assert math.isfinite(figures["final_loss"])
+  # The step without the montage and the montage alone are timed too.
+  assert figures["model_step_time_s"] == pytest.approx(
+      float(np.median(figures["model_step_times_s"])))
+  assert 0 < figures["montage_time_s"] and figures["montage_share"] == pytest.approx(
+      figures["montage_time_s"] / figures["step_time_s"])
   with pytest.raises(ValueError, match="dtype"):
     torch_reference.benchmark_train_step(spec, batch_size=2, dtype="float16")
 
@@ -152,9 +255,9 @@ def test_torch_step_server_times_one_step_per_request():
   step = torch_reference.build_train_step(_reference_spec(tiny_benchmark_config()), batch_size=2)
   replies = io.StringIO()
   count = torch_reference.serve_steps(step, warmup=1, commands=io.StringIO(
-      "step\nstep\nstop\nstep\n"), replies=replies)
+      "step\nmodel_step\nstop\nstep\n"), replies=replies)
   lines = replies.getvalue().splitlines()
-  assert count == 2 and lines[0] == "ready" and len(lines) == 3
+  assert count == 2 and lines[0] == "ready eager" and len(lines) == 3
   assert all(float(line) > 0 for line in lines[1:])
   with pytest.raises(ValueError, match="unknown command"):
     torch_reference.serve_steps(step, warmup=0, commands=io.StringIO("go\n"),
@@ -178,11 +281,15 @@ def test_benchmark_interleaves_torch_in_its_own_process(tmp_path):
   interleaved = json.loads(json_path.read_text())["interleaved"]
   assert interleaved["torch_process"].startswith("separate")
   assert interleaved["rounds"] == 2 and interleaved["steps_counted"] == 4
-  for name in ("jax", "jax_model_only", "torch"):
+  assert interleaved["torch_compiled"] is False
+  for name in ("jax", "jax_model_only", "torch", "torch_model_only"):
     assert len(interleaved[f"{name}_step_times_s"]) == 4
     assert len(interleaved["first_in_block_step_times_s"][name]) == 2
   assert interleaved["ratio"] == pytest.approx(
       interleaved["torch_step_time_s"] / interleaved["jax_step_time_s"])
+  assert interleaved["ratio_model_only"] == pytest.approx(
+      interleaved["torch_model_only_step_time_s"]
+      / interleaved["jax_model_only_step_time_s"])
 
 
 def test_torch_step_server_reports_a_failed_start(capfd):
@@ -199,7 +306,7 @@ def test_torch_step_server_serves_steps():
                  dtype="float32", warmup=1)
   server = torch_process.TorchStepServer(request, timeout_s=300)
   try:
-    times = [server.step() for _ in range(3)]
+    times = [server.step(which) for which in ("step", "model_step", "step")]
   finally:
     server.close()
   assert all(t > 0 for t in times)
