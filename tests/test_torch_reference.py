@@ -264,6 +264,25 @@ def test_torch_step_server_times_one_step_per_request():
                                 replies=io.StringIO())
 
 
+def test_torch_step_server_falls_back_to_eager_when_compile_fails(capfd):
+  """A torch.compile'd step that fails in the warm-up is replaced by the eager step, and
+  the server says so ("ready eager", the error on stderr) instead of dying."""
+  import io  # pylint: disable=g-import-not-at-top
+  step = torch_reference.build_train_step(_reference_spec(tiny_benchmark_config()),
+                                          batch_size=2)
+
+  def broken():
+    raise RuntimeError("inductor exploded")
+
+  compiled = dataclasses.replace(step, run=broken, model_run=broken, montage_run=broken)
+  replies = io.StringIO()
+  count = torch_reference.serve_steps(compiled, warmup=1, commands=io.StringIO(
+      "model_step\nstep\n"), replies=replies)
+  lines = replies.getvalue().splitlines()
+  assert count == 2 and lines[0] == "ready eager" and all(float(t) > 0 for t in lines[1:])
+  assert "inductor exploded" in capfd.readouterr().err
+
+
 def test_benchmark_interleaves_torch_in_its_own_process(tmp_path):
   """--interleave: rounds of blocks, the first step of each block kept apart, torch served
   by its own process; a block of 1 (nothing counted) is refused."""
