@@ -232,8 +232,9 @@ def test_torch_montage_refuses_what_it_does_not_implement():
     _reference_spec(config)
 
 
-def test_torch_benchmark_step_runs():
-  spec = _reference_spec(tiny_benchmark_config())
+@pytest.mark.parametrize("backbone", ["r3d_tiny", "tsm_tiny"])
+def test_torch_benchmark_step_runs(backbone):
+  spec = _reference_spec(tiny_benchmark_config(backbone))
   figures = torch_reference.benchmark_train_step(spec, batch_size=2, steps=3, warmup=0)
   assert figures["step_time_s"] == pytest.approx(float(np.median(figures["step_times_s"])))
   assert figures["videos_per_s"] == pytest.approx(2 / figures["step_time_s"])
