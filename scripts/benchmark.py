@@ -20,8 +20,8 @@ update; also timed without the montage (on float pseudo-videos already on the de
 the montage alone. `torch_ratio` = jax videos/s / torch videos/s, whole step against whole
 step; `torch_ratio_without_montage` = both steps without their montage (JAX's step less
 its montage timed alone); `torch_ratio_vs_torch_without_montage` = the whole JAX step
-against torch's step without montage (the only ratio before 2026-11-26's seventh
-session); `torch_ratio_min` compares the fastest steps, steadier on a shared CPU host.
+against torch's step without montage (the only ratio until the reference got its
+montage, 2026-11-26); `torch_ratio_min` compares the fastest steps, steadier on a shared CPU host.
 bf16 autocast when --dtype=bfloat16, channels-last(-3d) memory; --torch_compile adds a
 torch.compile run (own process; model and montage compiled) and the faster run counts.
 --interleave=N (CPU) runs N rounds of: --interleave_block JAX steps, as many JAX steps
@@ -538,8 +538,8 @@ def main(argv: Sequence[str]) -> int:
           / (results["step_time_s"] - results["montage_time_s"])
           if torch_ok and results.get("montage_time_s") is not None
           and results["step_time_s"] > results["montage_time_s"] else None),
-      # The whole JAX step against the torch step without montage (before 2026-11-26's
-      # seventh session the only ratio: the reference then had no montage).
+      # The whole JAX step against the torch step without montage (the only ratio until
+      # the reference got its montage, 2026-11-26).
       "torch_ratio_vs_torch_without_montage": (
           torch_figures["model_step_time_s"] / results["step_time_s"] if torch_ok else None),
       "torch_model_step_time_s": torch_figures["model_step_time_s"] if torch_ok else None,

@@ -5,8 +5,8 @@
 #
 # bf16 at the paper's shapes (32 frames of 112x112 cut into s=4 clips), per-GPU batch
 # $BATCH, each phase with the PyTorch reference timed first in its own process (the same
-# step: montage + augmentation + model since 2026-11-26's seventh session; also timed
-# without the montage, for the earlier ratio):
+# step: montage + augmentation + model, since 2026-11-26; also timed without the
+# montage, for the earlier ratio):
 #   1. R3D50: eager torch, then the JAX step      -> $OUT/r3d50_bf16.{json,log}
 #   2. The training loop itself (python -m tcvm_jax.main, R3D50, random data, 100 steps):
 #      its steps/s and clips/s lines, to compare with phase 1's bare step
