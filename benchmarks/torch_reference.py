@@ -644,8 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "batch_size, dtype, steps, warmup, compile_model.")
   parser.add_argument("--json", help="where to write the figures (timed run).")
   parser.add_argument("--serve", action="store_true", help="build the step (compiled with "
-                      "compile_model), warm it up, then time one step per 'step' (whole) or 'model_step' (without "
-                      "the montage) line on stdin and print its seconds (see serve_steps).")
+                      "compile_model), warm it up, then time one step per 'step' (whole) or "
+                      "'model_step' (without the montage) line on stdin and print its "
+                      "seconds (see serve_steps).")
   args = parser.parse_args(argv)
   if not (args.serve or args.json):
     parser.error("give --json=FILE, or --serve.")

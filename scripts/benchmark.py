@@ -22,8 +22,9 @@ step; `torch_ratio_without_montage` = both steps without their montage (JAX's st
 its montage timed alone); `torch_ratio_vs_torch_without_montage` = the whole JAX step
 against torch's step without montage (the only ratio until the reference got its
 montage, 2026-11-26); `torch_ratio_min` compares the fastest steps, steadier on a
-shared CPU host. bf16 autocast when --dtype=bfloat16, channels-last(-3d) memory; --torch_compile adds a
-torch.compile run (own process; model and montage compiled) and the faster run counts.
+shared CPU host. bf16 autocast when --dtype=bfloat16, channels-last(-3d) memory;
+--torch_compile adds a torch.compile run (own process; model and montage compiled) and
+the faster run counts.
 --interleave=N (CPU) runs N rounds of: --interleave_block JAX steps, as many JAX steps
 without the montage (on float pseudo-videos), as many torch steps and torch steps
 without the montage (`ratio` whole vs whole, `ratio_model_only` without montage on both
