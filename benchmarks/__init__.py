@@ -35,6 +35,5 @@ def torch_reference_spec(config) -> dict[str, Any]:
       # The montage + augmentation (benchmarks/torch_montage.py).
       "input_size": config.data.input_size,
       "montage_variant": config.montage.variant,
-      "augment": {name: (list(value) if isinstance(value, (tuple, list)) else value)
-                  for name, value in config.augment.items()},
+      "augment": config.augment.to_dict(),
   }

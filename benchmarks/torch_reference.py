@@ -497,6 +497,26 @@ def build_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "floa
                        compile_error=compile_error)
 
 
+def _compile_or_fall_back(step: ReferenceStep
+                          ) -> tuple[ReferenceStep, float | None, str | None]:
+  """Calls each part of a torch.compile'd step once, which compiles it. Returns the step,
+  the first whole step's time (compile + one step) and None; or, where compiling failed
+  (here or in `build_train_step`), the eager step, None and the error."""
+  if step.run is step.eager_run:
+    return step, None, step.compile_error
+  try:
+    start = time.perf_counter()
+    step.run()
+    step.synchronize()
+    compile_time_s = time.perf_counter() - start
+    step.model_run()
+    step.montage_run()
+    step.synchronize()
+  except Exception as error:  # pylint: disable=broad-except
+    return step.eager(), None, f"{type(error).__name__}: {str(error)[:500]}"
+  return step, compile_time_s, None
+
+
 def _timed_calls(run: Callable[[], Any], step: ReferenceStep, count: int) -> list[float]:
   """`count` synchronised calls of `run`, in seconds each."""
   times = []
@@ -523,22 +543,10 @@ def benchmark_train_step(spec: ReferenceSpec, *, batch_size: int, dtype: str = "
   step = build_train_step(spec, batch_size=batch_size, dtype=dtype,
                           compile_model=compile_model, device=device, seed=seed)
   device = step.device
-  compile_time_s, compile_error = None, step.compile_error
-  if compile_model and compile_error is None:
-    start = time.perf_counter()
-    try:
-      step.run()
-      step.synchronize()
-      compile_time_s = time.perf_counter() - start
-      step.model_run()
-      step.montage_run()
-      step.synchronize()
-    except Exception as error:  # pylint: disable=broad-except
-      compile_error = f"{type(error).__name__}: {str(error)[:500]}"
-      print(f"torch.compile failed, timing eager mode instead: {compile_error}",
-            file=sys.stderr)
+  step, compile_time_s, compile_error = _compile_or_fall_back(step)
   if compile_error is not None:
-    step = step.eager()
+    print(f"torch.compile failed, timing eager mode instead: {compile_error}",
+          file=sys.stderr)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
   for run in (step.run, step.model_run, step.montage_run):
@@ -605,20 +613,13 @@ def serve_steps(step: ReferenceStep, *, warmup: int, commands: TextIO,
   eager step is served. Replies "ready compiled" or "ready eager" after the warm-up;
   stops at end of input or "stop". Returns the number of timed steps.
   """
+  step, _, compile_error = _compile_or_fall_back(step)
+  if compile_error is not None:
+    print(f"torch.compile failed, serving the eager step: {compile_error}", file=sys.stderr)
   compiled = step.run is not step.eager_run
-  try:
-    for run in (step.run, step.model_run):
-      for _ in range(max(warmup, 1 if compiled else 0)):
-        run()
-  except Exception as error:  # pylint: disable=broad-except
-    if not compiled:
-      raise
-    print(f"torch.compile failed, serving the eager step: {type(error).__name__}: "
-          f"{str(error)[:500]}", file=sys.stderr)
-    compiled, step = False, step.eager()
-    for run in (step.run, step.model_run):
-      for _ in range(warmup):
-        run()
+  for run in (step.run, step.model_run):
+    for _ in range(warmup):
+      run()
   step.synchronize()
   runs = dict(zip(SERVED_STEPS, (step.run, step.model_run)))
   print(f"ready {'compiled' if compiled else 'eager'}", file=replies, flush=True)
