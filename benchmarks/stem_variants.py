@@ -1,11 +1,13 @@
-r"""Times the stem convolution (7x7, stride 2, 3 -> 64 channels) two ways (issue #6).
+r"""Times the stem convolution (7x7, stride 2, 3 -> 64 channels) three ways (issue #6).
 
   python benchmarks/stem_variants.py [--frames=1024] [--size=112] [--dtype=bfloat16]
 
 'plain': one strided conv over 3 channels; 'space_to_depth': the same sums as a stride-1
-4x4 conv over 12 channels (`layers._conv2d_space_to_depth`). Each is timed forward and
-forward + weight gradient (the stem's input needs no gradient), jitted, median of 20.
-The two must agree (max relative difference printed).
+4x4 conv over 12 channels (`layers._conv2d_space_to_depth`, what the model uses on CPU and
+CUDA); 'space_to_depth_matmul': those as one (pixels, 192) x (192, 64) matmul
+(`layers._conv2d_space_to_depth_matmul`). Each is timed forward and forward + weight
+gradient (the stem's input needs no gradient), jitted, median of 20. They must agree
+(max relative difference to 'plain' printed).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def main(argv=None) -> int:
   x = jax.random.normal(key_x, (args.frames, args.size, args.size, 3), dtype)
   kernel = jax.random.normal(key_k, (7, 7, 3, args.features), jnp.float32) * 0.1
   variants = {"plain": functools.partial(layers._conv2d, stride=2),  # pylint: disable=protected-access
-              "space_to_depth": functools.partial(layers._conv2d_space_to_depth, stride=2)}  # pylint: disable=protected-access
+              "space_to_depth": functools.partial(layers._conv2d_space_to_depth, stride=2),  # pylint: disable=protected-access
+              "space_to_depth_matmul": functools.partial(
+                  layers._conv2d_space_to_depth_matmul, stride=2)}  # pylint: disable=protected-access
   outputs = {}
   for name, conv in variants.items():
     forward = jax.jit(lambda x, k, conv=conv: conv(x, k.astype(x.dtype)))
@@ -60,9 +64,11 @@ def main(argv=None) -> int:
     print(f"stem {name:<15} {jax.devices()[0].device_kind}: forward {fwd_s * 1e3:7.3f} ms, "
           f"forward + weight gradient {both_s * 1e3:7.3f} ms "
           f"({args.frames} x {args.size}^2 x 3 -> {args.features}, {args.dtype})", flush=True)
-  plain, s2d = (outputs[n].astype(jnp.float32) for n in variants)
-  relative = float(jnp.abs(plain - s2d).max() / jnp.abs(plain).max())
-  print(f"max |plain - space_to_depth| / max |plain| = {relative:.2e}")
+  plain = outputs["plain"].astype(jnp.float32)
+  for name in list(variants)[1:]:
+    relative = float(jnp.abs(plain - outputs[name].astype(jnp.float32)).max()
+                     / jnp.abs(plain).max())
+    print(f"max |plain - {name}| / max |plain| = {relative:.2e}")
   return 0
 
 

@@ -11,7 +11,10 @@ device op in the trace is matched, by its `hlo_op` name, to its instruction in t
             forward (the model, loss and heads), other (optimizer, metrics), or
             "no metadata" (ops XLA made without op_name, e.g. weight-gradient convs),
 read off the instruction (for a fusion, off the ops in its fused computation) and its
-`op_name` metadata. On a CPU trace, XLA's asynchronous thunks (convolutions, dots) trace
+`op_name` metadata. Each matched op also gets the bytes of its operands and results and,
+for convolutions and matmuls (cuDNN and cuBLAS calls included), its FLOPs, hence achieved
+GB/s and TFLOP/s against the device's roofline (a fusion that re-reads an operand or reads
+part of it moves more or less than that). On a CPU trace, XLA's asynchronous thunks (convolutions, dots) trace
 only their launch; each is credited with the time no traced op runs until its
 'end: NAME' marker (`credit_in_flight`), and what is left is reported as idle.
 Pure Python: runs anywhere, on files fetched from a GPU machine too.
@@ -24,6 +27,7 @@ import bisect
 import collections
 import gzip
 import json
+import math
 import re
 from typing import Any
 
@@ -33,6 +37,11 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _SOURCE = re.compile(r'source_file="([^"]*)"\s+source_line=(\d+)')
+_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_DIM_LABELS = re.compile(r"dim_labels=\w+_(\w+)->")
+_LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_CUBLAS_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
+_OPERAND = re.compile(r"%([\w.\-]+)")
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter",
                "collective-permute", "ragged-all-to-all")
 CATEGORIES = ("convolution", "matmul", "reduction", "elementwise", "copy/transpose",
@@ -64,12 +73,41 @@ def _split_shape_and_op(rest: str) -> tuple[str, str]:
   return shape, match.group(1) if match else ""
 
 
+def array_bytes(shape: str) -> int:
+  """Bytes of all arrays in an HLO shape, e.g. '(f32[8]{0}, bf16[2,4]{1,0})' -> 48."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(shape):
+    bits = 8 if dtype == "pred" else int(re.search(r"\d+", dtype).group())
+    total += math.prod(int(d) for d in dims.split(",") if d) * bits / 8
+  return int(total)
+
+
+def _first_dims(shape: str) -> list[int]:
+  match = _ARRAY.search(shape)
+  return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _operands(rest: str, opcode: str) -> list[str]:
+  """Names inside the instruction's argument parentheses."""
+  start = rest.find(opcode + "(")
+  if start < 0:
+    return []
+  depth, index = 0, start + len(opcode)
+  for index in range(start + len(opcode), len(rest)):
+    depth += rest[index] == "("
+    depth -= rest[index] == ")"
+    if depth == 0:
+      break
+  return _OPERAND.findall(rest[start + len(opcode):index])
+
+
 def parse_hlo(text: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
-  """Instructions by name ({opcode, shape, op_name, calls, target, source}) and each
-  computation's opcodes."""
+  """Instructions by name ({opcode, shape, op_name, calls, target, source, bytes, dims,
+  operands, computation, ...}) and each computation's opcodes."""
   instructions: dict[str, dict[str, Any]] = {}
   computations: dict[str, list[str]] = collections.defaultdict(list)
   current = None
+  scope: dict[str, dict[str, Any]] = {}  # this computation's instructions (names repeat)
   for line in text.splitlines():
     match = _INSTRUCTION.match(line)
     if match and " = " in line:
@@ -79,8 +117,20 @@ def parse_hlo(text: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]
       calls = _CALLS.search(rest)
       target = _CUSTOM_TARGET.search(rest)
       source = _SOURCE.search(rest)
-      instructions[name] = {
+      dim_labels = _DIM_LABELS.search(rest)
+      contracting = _LHS_CONTRACTING.search(rest) or _CUBLAS_CONTRACTING.search(rest)
+      operands = [scope[o] for o in _operands(rest, opcode) if o in scope]
+      instructions[name] = scope[name] = {
           "opcode": opcode, "shape": shape[:120],
+          # A library call's result tuple ends in its scratch space (u8): not moved data.
+          "bytes": (array_bytes(_ARRAY.search(shape).group()) if opcode == "custom-call"
+                    and _ARRAY.search(shape) else array_bytes(shape)),
+          "dims": _first_dims(shape), "computation": current,
+          "operand_dims": [o["dims"] for o in operands],
+          "operand_bytes": sum(o["bytes"] for o in operands),
+          "kernel_labels": dim_labels.group(1) if dim_labels else None,
+          "lhs_contracting": ([int(d.strip('" ')) for d in contracting.group(1).split(",")
+                               if d.strip('" ')] if contracting else None),
           "op_name": op_name.group(1) if op_name else "",
           "calls": calls.group(1) if calls else None,
           "target": target.group(1) if target else None,
@@ -94,7 +144,77 @@ def parse_hlo(text: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]
     match = _COMPUTATION.match(line)
     if match and "=" not in line.split("{")[0]:
       current = match.group(1)
+      scope = {}
   return instructions, computations
+
+
+def _conv_flops(info: dict[str, Any]) -> float:
+  """2 x forward output elements x kernel elements / output features, read off whichever
+  arrays the (forward or cuDNN backward) convolution takes and makes."""
+  dims = info["operand_dims"][:2]
+  if len(dims) < 2 or not info["kernel_labels"] or "o" not in info["kernel_labels"]:
+    return 0.0
+  target = info["target"] or ""
+  if "BackwardInput" in target:
+    output, kernel = dims[0], dims[1]
+  elif "BackwardFilter" in target:
+    output, kernel = dims[1], info["dims"]
+  else:
+    output, kernel = info["dims"], dims[1]
+  if not output or len(kernel) != len(info["kernel_labels"]):
+    return 0.0
+  out_features = kernel[info["kernel_labels"].index("o")]
+  return 2.0 * math.prod(output) * math.prod(kernel) / max(out_features, 1)
+
+
+def _dot_flops(info: dict[str, Any]) -> float:
+  """2 x output elements x contracted size (a dot or a cuBLAS matmul custom call)."""
+  if not info["operand_dims"] or info["lhs_contracting"] is None:
+    return 0.0
+  lhs = info["operand_dims"][0]
+  if any(axis >= len(lhs) for axis in info["lhs_contracting"]):
+    return 0.0
+  return 2.0 * math.prod(info["dims"]) * math.prod(lhs[a] for a in info["lhs_contracting"])
+
+
+def op_flops(name: str, instructions: dict[str, dict[str, Any]],
+             members: dict[str, list[dict[str, Any]]] | None = None) -> float:
+  """Multiply-add FLOPs of a convolution or matmul (cuDNN / cuBLAS custom calls too), or of
+  those inside a fusion (`members`: `computation_members`); 0 for other ops."""
+  info = instructions.get(name)
+  return 0.0 if info is None else _flops(info, members or {})
+
+
+def _flops(info: dict[str, Any], members: dict[str, list[dict[str, Any]]]) -> float:
+  target = (info["target"] or "").lower()
+  if info["opcode"] == "convolution" or (info["opcode"] == "custom-call" and "conv" in target):
+    return _conv_flops(info)
+  if info["opcode"] == "dot" or (info["opcode"] == "custom-call"
+                                 and ("gemm" in target or "matmul" in target)):
+    return _dot_flops(info)
+  if info["opcode"] == "fusion":
+    return sum(_flops(member, {}) for member in members.get(info["calls"], [])
+               if member["opcode"] in ("dot", "convolution"))
+  return 0.0
+
+
+def op_bytes(name: str, instructions: dict[str, dict[str, Any]]) -> int:
+  """Bytes of an op's operands and results: what it moves if it reads each operand and
+  writes each result once (more for ops that re-read, less for partial reads)."""
+  info = instructions.get(name)
+  if info is None:
+    return 0
+  return info["bytes"] + info["operand_bytes"]
+
+
+def computation_members(instructions: dict[str, dict[str, Any]]
+                        ) -> dict[str, list[dict[str, Any]]]:
+  """Each computation's instructions (for the FLOPs of the convolutions and dots a fusion
+  calls)."""
+  members: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+  for info in instructions.values():
+    members[info["computation"]].append(info)
+  return members
 
 
 def categorize(info: dict[str, Any] | None, computations: dict[str, list[str]]) -> str:
@@ -241,6 +361,7 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
   with gzip.open(trace_path, "rt") as f:
     trace = json.load(f)
   instructions, computations = parse_hlo(_open_text(hlo_path))
+  members = computation_members(instructions)
   events = device_op_events(trace)
   all_events = trace["traceEvents"] if isinstance(trace, dict) else trace
   if not _device_pids(all_events):  # a CPU trace
@@ -261,6 +382,8 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
     entry["count"] += 1
     entry["kernels"].add(str(event.get("name", ""))[:80])
   table = collections.defaultdict(float)
+  moved = collections.defaultdict(float)  # (phase, category) -> bytes per step
+  computed = collections.defaultdict(float)  # (phase, category) -> FLOPs per step
   unmatched = 0.0
   rows = []
   for name, entry in per_op.items():
@@ -273,7 +396,18 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
       category = category if category in CATEGORIES else "other"  # e.g. batch norm
     phase = phase_of(info["op_name"]) if info else "no metadata"
     table[(phase, category)] += entry["time_us"]
+    # A library call (cuDNN, cuBLAS) may launch several kernels; XLA's own ops launch one
+    # per execution (ops in a loop body run once per iteration).
+    runs = 1.0 if info is None or info["opcode"] == "custom-call" else entry["count"] / num_steps
+    op_gb = op_bytes(name, instructions) * runs / 1e9
+    op_tflop = op_flops(name, instructions, members) * runs / 1e12
+    moved[(phase, category)] += op_gb
+    computed[(phase, category)] += op_tflop
+    seconds = entry["time_us"] / 1e6 / num_steps
     rows.append({"op": name, "ms_per_step": entry["time_us"] / 1e3 / num_steps,
+                 "gb_per_step": op_gb, "tflop_per_step": op_tflop,
+                 "gb_per_s": op_gb / seconds if seconds else 0.0,
+                 "tflop_per_s": op_tflop / seconds if seconds else 0.0,
                  "launches_per_step": entry["count"] / num_steps, "category": category,
                  "phase": phase, "shape": info["shape"] if info else "",
                  "op_name": (info["op_name"][-110:] if info else ""),
@@ -284,6 +418,11 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
   by_phase = {phase: {category: table[(phase, category)] / 1e3 / num_steps
                       for category in CATEGORIES if table[(phase, category)]}
               for phase in PHASES}
+  roofline = {phase: {category: {"ms": table[(phase, category)] / 1e3 / num_steps,
+                                  "gb": moved[(phase, category)],
+                                  "tflop": computed[(phase, category)]}
+                       for category in CATEGORIES if table[(phase, category)]}
+              for phase in PHASES}
   return {"num_steps": num_steps, "device_ms_per_step": total_ms,
           "launches_per_step": sum(e["count"] for e in per_op.values()) / num_steps,
           "unmatched_ms_per_step": unmatched / 1e3 / num_steps,
@@ -291,6 +430,7 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
           "by_category_ms": {c: sum(by_phase[p].get(c, 0.0) for p in PHASES)
                              for c in CATEGORIES},
           "idle_ms_per_step": idle_us / 1e3 / num_steps,
+          "roofline": roofline,
           "top_ops": rows[:top]}
 
 
@@ -312,11 +452,24 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines.append(f"{'all':<16}" + "".join(f"{summary['by_category_ms'][c]:13.2f}"
                                          for c in CATEGORIES)
                + f"{sum(summary['by_category_ms'].values()):10.2f}")
-  lines.append("top ops (ms/step, launches, category, phase, source, shape, op_name):")
+  if summary.get("roofline"):
+    lines.append("rates of the ops matched to the HLO (GB: their operands and results; "
+                 "TFLOP: convolutions and matmuls):")
+    lines.append(f"  {'phase':<12}{'category':<16}{'ms':>8}{'GB':>9}{'GB/s':>8}"
+                 f"{'TFLOP':>8}{'TFLOP/s':>9}")
+    for phase in PHASES:
+      for category, rates in summary["roofline"].get(phase, {}).items():
+        seconds = rates["ms"] / 1e3
+        lines.append(f"  {phase:<12}{category:<16}{rates['ms']:8.2f}{rates['gb']:9.2f}"
+                     f"{rates['gb'] / seconds:8.0f}{rates['tflop']:8.2f}"
+                     f"{rates['tflop'] / seconds:9.1f}")
+  lines.append("top ops (ms/step, launches, category, phase, GB/s, TFLOP/s, source, shape, "
+               "op_name):")
   for row in summary["top_ops"]:
     lines.append(f"  {row['ms_per_step']:7.3f} {row['launches_per_step']:4.0f} "
-                 f"{row['category'][:11]:<11} {row['phase'][:8]:<8} {row['source']:<22} "
-                 f"{row['shape'][:40]:<40} {row['op_name'][-70:]}")
+                 f"{row['category'][:11]:<11} {row['phase'][:8]:<8} "
+                 f"{row.get('gb_per_s', 0.0):6.0f} {row.get('tflop_per_s', 0.0):6.1f} "
+                 f"{row['source']:<22} {row['shape'][:40]:<40} {row['op_name'][-70:]}")
   return "\n".join(lines)
 
 

@@ -77,6 +77,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # BatchNorm's training gradient: 'closed_form' (two sums + one pass), 'autodiff' (flax),
   # 'auto' = closed form on CPU (~5 % faster demo step there), autodiff on GPU/TPU.
   model.bn_gradient = "auto"
+  # BatchNorm's two per-channel sums (of x and x^2 forward; of dy and dy * (x - mean) in the
+  # closed-form gradient): 'separate' (two reductions), 'one_reduction' (one variadic
+  # reduction, one read of x; ~10x slower on CPU), 'auto' = separate until measured on GPU.
+  model.bn_statistics = "auto"
   model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
   model.tc_second_order = False     # D^2 in Table 3c.
   model.tc_hidden_dim = -1          # per-frame FC width before f; -1 means C.

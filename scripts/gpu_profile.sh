@@ -2,16 +2,13 @@
 # Profiles the pretraining step on the GPU machine (issue #6) in ONE command:
 #
 #   PHASES="r3d50 stem torch_eager r3d50_b64 tsm50" bash scripts/gpu_profile.sh
-#   PHASES=flags bash scripts/gpu_profile.sh   # alone: four R3D50 compiles, ~4 minutes
 #
 #   r3d50          JAX R3D50, B=32, bf16: timing + a 3-step device trace -> $OUT/r3d50/
-#   stem           the stem conv, plain vs space-to-depth (benchmarks/stem_variants.py)
+#   stem           the stem conv three ways (benchmarks/stem_variants.py)
 #   torch_eager    PyTorch eager reference: kernel time by category (benchmarks/torch_profile.py)
 #   r3d50_b64      JAX R3D50 at B=64 (does the step scale with the batch?)
 #   tsm50          JAX TSM50, B=32
-#   flags          A/B of the R3D50 step in one process, 10 alternating rounds
-#                  (benchmarks/options_ab.py): default, --xla_gpu_force_conv_nhwc=true,
-#                  CUDA graphs off, BatchNorm's closed-form gradient -> $OUT/options_ab.json
+# (The A/B of the step's levers is scripts/gpu_session.sh's.)
 # Only r3d50 keeps its trace and HLO; the others keep summary.json. Everything printed
 # goes to $OUT/log.txt too. Summaries: python benchmarks/trace_summary.py TRACE HLO.
 set -uo pipefail
@@ -51,11 +48,6 @@ for phase in $PHASES; do
         --steps=2 --time_steps=10 ;;
     tsm50) profile tsm50 80 0 --config=configs/pretrain.py:tsm50 --batch_size=32 \
         --steps=2 --time_steps=10 ;;
-    flags) run flags 150 "$PYTHON" benchmarks/options_ab.py --config=configs/pretrain.py \
-        --batch_size=32 --dtype=bfloat16 --variant=conv_nhwc=--xla_gpu_force_conv_nhwc=true \
-        --variant=no_command_buffer=--xla_gpu_enable_command_buffer= \
-        --variant=bn_closed_form=--config.model.bn_gradient=closed_form --rounds=10 --nocontrol \
-        --json="$OUT/options_ab.json" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

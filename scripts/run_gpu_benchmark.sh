@@ -8,12 +8,12 @@
 # step: montage + augmentation + model, since 2026-11-26; also timed without the
 # montage, for the earlier ratio):
 #   1. R3D50: eager torch, then the JAX step      -> $OUT/r3d50_bf16.{json,log}
-#   2. The training loop itself (python -m tcvm_jax.main, R3D50, random data, 100 steps):
+#   2. R3D50 under torch.compile                  -> $OUT/r3d50_bf16_torch_compile.{json,log}
+#      (reuses phase 1's JAX figures, so the ratio is against the compiled reference).
+#   3. TSM50: eager torch, then the JAX step      -> $OUT/tsm50_bf16.{json,log}
+#   4. The training loop itself (python -m tcvm_jax.main, R3D50, random data, 100 steps):
 #      its steps/s and clips/s lines, to compare with phase 1's bare step
 #                                                 -> $OUT/loop_r3d50.log
-#   3. TSM50: eager torch, then the JAX step      -> $OUT/tsm50_bf16.{json,log}
-#   4. R3D50 under torch.compile, if time is left -> $OUT/r3d50_bf16_torch_compile.{json,log}
-#      (reuses phase 1's JAX figures, so the ratio is against the compiled reference).
 # Phases run in order of importance; each is capped by `timeout` and by what is left of
 # TOTAL_BUDGET_S, so one hang cannot eat the budget.
 #
@@ -24,7 +24,9 @@
 # and PyYAML, which are there).
 #
 # Knobs (environment): BATCH (default 32), STEPS (20), WARMUP (3), TOTAL_BUDGET_S (330),
-# PHASE_TIMEOUT_S (170), TORCH_COMPILE (1), EXTRA_FLAGS (passed to every benchmark run).
+# PHASE_TIMEOUT_S (170), TORCH_COMPILE (1), R3D_CONFIG (configs/pretrain.py), TSM_CONFIG
+# (configs/pretrain.py:tsm50; both changeable for a dry run on CPU), EXTRA_FLAGS (config overrides passed to every
+# JAX run, the loop's too; scripts/gpu_session.sh sets them and XLA_FLAGS from its A/B).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -36,6 +38,8 @@ TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-330}
 PHASE_TIMEOUT_S=${PHASE_TIMEOUT_S:-170}
 TORCH_COMPILE=${TORCH_COMPILE:-1}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}
+R3D_CONFIG=${R3D_CONFIG:-configs/pretrain.py}
+TSM_CONFIG=${TSM_CONFIG:-configs/pretrain.py:tsm50}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 # shellcheck source=scripts/gpu_common.sh
@@ -86,29 +90,29 @@ phase() {
   if [ "$rc" != 0 ]; then status=$rc; fi
 }
 
-phase r3d50_bf16 60 --config=configs/pretrain.py --torch_timeout_s=60
+phase r3d50_bf16 60 --config="$R3D_CONFIG" --torch_timeout_s=60
 
+if [ "$TORCH_COMPILE" = 1 ] && [ -f "$OUT/r3d50_bf16.json" ]; then
+  remaining=$(left)
+  phase r3d50_bf16_torch_compile 45 --config="$R3D_CONFIG" --torch_compile \
+      --notorch_eager --reuse_jax_json="$OUT/r3d50_bf16.json" \
+      --torch_timeout_s=$(( remaining > 15 ? remaining - 10 : 5 ))
+fi
+phase tsm50_bf16 60 --config="$TSM_CONFIG" --torch_timeout_s=60
 # The loop: prefetched random input, metrics read one step behind, a checkpoint at the end.
 budget=$(left)
 if (( budget >= 90 )); then
   say "=== loop_r3d50 (timeout 120s)"
   rm -rf /tmp/tcvm_loop_run  # a fresh run, not a resume of an earlier call's
-  timeout -k 5 120 "$PYTHON" -m tcvm_jax.main --config=configs/pretrain.py \
+  timeout -k 5 120 "$PYTHON" -m tcvm_jax.main --config="$R3D_CONFIG" \
       --workdir=/tmp/tcvm_loop_run --compilation_cache_dir= --config.data.name=random \
       --config.num_train_steps=100 --config.log_every_steps=25 \
       --config.checkpoint_every_steps=100000 \
-      --config.model.dtype=bfloat16 --config.batch_size="$BATCH" 2>&1 \
+      --config.model.dtype=bfloat16 --config.batch_size="$BATCH" $EXTRA_FLAGS 2>&1 \
       | grep -E "steps/s|First step|Finished|rror" | tee "$OUT/loop_r3d50.log"
   say "loop_r3d50 finished with exit code ${PIPESTATUS[0]}"
 else
   say "SKIP loop_r3d50: ${budget}s left"
-fi
-phase tsm50_bf16 60 --config=configs/pretrain.py:tsm50 --torch_timeout_s=60
-if [ "$TORCH_COMPILE" = 1 ] && [ -f "$OUT/r3d50_bf16.json" ]; then
-  remaining=$(left)
-  phase r3d50_bf16_torch_compile 45 --config=configs/pretrain.py --torch_compile \
-      --notorch_eager --reuse_jax_json="$OUT/r3d50_bf16.json" \
-      --torch_timeout_s=$(( remaining > 15 ? remaining - 10 : 5 ))
 fi
 say "done in $(elapsed)s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $status

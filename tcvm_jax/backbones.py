@@ -61,12 +61,14 @@ class Bottleneck(nnx.Module):
       bn_axis_name: str | None,
       bn_momentum: float,
       bn_gradient: str = "auto",
+      bn_statistics: str = "auto",
       rngs: nnx.Rngs,
   ):
     out_features = 4 * inner_features
     conv = functools.partial(layers.VideoConv, dtype=dtype, rngs=rngs)
     bn = functools.partial(layers.batch_norm, axis_name=bn_axis_name, momentum=bn_momentum,
-                           dtype=dtype, gradient=bn_gradient, rngs=rngs)
+                           dtype=dtype, gradient=bn_gradient, statistics=bn_statistics,
+                           rngs=rngs)
     self.shift_div = shift_div
     self.conv_a = conv(in_features, inner_features, (temporal_kernel, 1, 1))
     self.bn_a = bn(inner_features)
@@ -111,6 +113,7 @@ class VideoResNet(nnx.Module):
       bn_axis_name: str | None = None,
       bn_momentum: float = 0.9,
       bn_gradient: str = "auto",
+      bn_statistics: str = "auto",
       rngs: nnx.Rngs,
   ):
     if len(stage_sizes) != len(stage_temporal_kernels):
@@ -122,7 +125,8 @@ class VideoResNet(nnx.Module):
     dtype = jnp.dtype(dtype) if dtype is not None else None
     self.stem_conv = layers.VideoConv(3, width, (1, 7, 7), stride=2, dtype=dtype, rngs=rngs)
     self.stem_bn = layers.batch_norm(width, axis_name=bn_axis_name, momentum=bn_momentum,
-                                     dtype=dtype, gradient=bn_gradient, rngs=rngs)
+                                     dtype=dtype, gradient=bn_gradient, statistics=bn_statistics,
+                           rngs=rngs)
     stages = []
     in_features = width
     for stage_index, (num_blocks, temporal_kernel) in enumerate(
@@ -134,7 +138,8 @@ class VideoResNet(nnx.Module):
             in_features, inner_features, temporal_kernel=temporal_kernel,
             stride=2 if stage_index > 0 and block_index == 0 else 1, shift_div=shift_div,
             zero_init_residual=zero_init_residual, dtype=dtype, bn_axis_name=bn_axis_name,
-            bn_momentum=bn_momentum, bn_gradient=bn_gradient, rngs=rngs))
+            bn_momentum=bn_momentum, bn_gradient=bn_gradient, bn_statistics=bn_statistics,
+            rngs=rngs))
         in_features = 4 * inner_features
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
@@ -206,6 +211,7 @@ def get_backbone(
     bn_axis_name: str | None = None,
     bn_momentum: float = 0.9,
     bn_gradient: str = "auto",
+    bn_statistics: str = "auto",
     rngs: nnx.Rngs,
     **kwargs,
 ) -> VideoResNet:
@@ -214,4 +220,5 @@ def get_backbone(
     raise ValueError(f"Unknown backbone {name!r} (config.model.backbone); choose from "
                      f"{sorted(BACKBONES)}.")
   return BACKBONES[name](dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=bn_momentum,
-                         bn_gradient=bn_gradient, rngs=rngs, **kwargs)
+                         bn_gradient=bn_gradient, bn_statistics=bn_statistics, rngs=rngs,
+                         **kwargs)

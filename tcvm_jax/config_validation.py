@@ -203,6 +203,7 @@ def _validate_model(config) -> None:
     _fail("model.bn_axis_name", axis_name, "must be None or a mesh axis name such as 'data'.")
   check_number(config, "model.bn_momentum", 0.0, 1.0, high_open=True)
   check_choice(config, "model.bn_gradient", layers.BATCH_NORM_GRADIENTS)
+  check_choice(config, "model.bn_statistics", layers.BATCH_NORM_STATISTICS)
   check_number(config, "model.tc_k", 0.0, 1.0)
   check_bool(config, "model.tc_second_order")
   check_int(config, "model.tc_hidden_dim", 1, allowed=(-1,))

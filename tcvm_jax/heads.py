@@ -72,6 +72,7 @@ class TCHead(nnx.Module):
       bn_axis_name: str | None = None,
       bn_momentum: float = 0.9,
       bn_gradient: str = "auto",
+      bn_statistics: str = "auto",
       rngs: nnx.Rngs,
   ):
     check_tc_k(k)
@@ -94,7 +95,8 @@ class TCHead(nnx.Module):
                                kernel_init=layers.torch_linear_init, rngs=rngs)
     self.frame_bn = layers.batch_norm(hidden_dim, axis_name=bn_axis_name,
                                       momentum=bn_momentum, dtype=dtype,
-                                      gradient=bn_gradient, rngs=rngs)
+                                      gradient=bn_gradient, statistics=bn_statistics,
+                                      rngs=rngs)
     self.frame_projection = nnx.Linear(hidden_dim, num_features // num_frames, dtype=dtype,
                                        kernel_init=layers.torch_linear_init, rngs=rngs)
 

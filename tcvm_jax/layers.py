@@ -129,6 +129,26 @@ def _conv2d_space_to_depth(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
   return _conv2d_on_blocks(_to_blocks(x, kernel.shape[:2], stride), kernel, stride)
 
 
+def _conv2d_space_to_depth_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """`_conv2d_space_to_depth` as one matmul (im2col on the space-to-depth blocks).
+
+  Each output pixel's ceil(k / s)^2 blocks are gathered into one row of
+  ceil(k / s)^2 * s^2 * Cin values (192 for the 7 x 7 stem at stride 2), times the block
+  kernel reshaped to (192, Cout). A GPU runs that dense product on its tensor cores, where
+  a convolution over 12 channels uses them poorly (the H200 ran the stem's convolutions at
+  34-55 TFLOP/s, docs/performance.md); the price is writing and reading the rows.
+  Not used by the model yet: `benchmarks/stem_variants.py` times it against the others.
+  """
+  out_h, out_w, blocks_h, blocks_w, *_ = _space_to_depth_geometry(x.shape, kernel.shape[:2],
+                                                                  stride)
+  blocks = _to_blocks(x, kernel.shape[:2], stride)
+  rows = jnp.concatenate([blocks[:, i:i + out_h, j:j + out_w]
+                          for i in range(blocks_h) for j in range(blocks_w)], axis=-1)
+  y = rows.reshape(-1, rows.shape[-1]) @ _block_kernel(kernel, stride).reshape(
+      rows.shape[-1], kernel.shape[-1])
+  return y.reshape(x.shape[0], out_h, out_w, kernel.shape[-1])
+
+
 # Strided convs with at most this many input channels (the stems) use space-to-depth on
 # CPU and CUDA in training. Measured on CPU: 3 channels 40 -> 26 ms; 16 or 32 slower.
 SPACE_TO_DEPTH_MAX_CHANNELS = 4
@@ -369,10 +389,31 @@ def _temporal_conv_as_matmuls(pixels: jax.Array, kernel: jax.Array) -> jax.Array
   return y.reshape(batch, frames, num_pixels, -1)
 
 
-def _channel_sums(axis_name: str | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+@jax.custom_jvp
+def _row_sums_in_one_reduction(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Sums over the rows of same-shape (P, C) arrays as ONE variadic reduction: XLA then
+  reads an input they share (x for the sums of x and x^2) once, where two plain sums may
+  each read it (on the H200 the forward statistics were two kernels reading the same
+  activation). Sums are linear, so the tangents are plain sums (transposable)."""
+  zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
+  return tuple(jax.lax.reduce(arrays, zeros,
+                              lambda xs, ys: tuple(x + y for x, y in zip(xs, ys)), (0,)))
+
+
+@_row_sums_in_one_reduction.defjvp
+def _row_sums_in_one_reduction_jvp(primals, tangents):
+  return (_row_sums_in_one_reduction(*primals),
+          tuple(t.sum(axis=0) for t in tangents))
+
+
+def _channel_sums(axis_name: str | None, *arrays: jax.Array, one_reduction: bool = False
+                  ) -> tuple[jax.Array, ...]:
   """Per-channel sums over the rows of (P, C) arrays, over the `axis_name` devices too
-  (one collective for all of them)."""
-  sums = jnp.stack([a.sum(axis=0) for a in arrays])
+  (one collective for all of them); `one_reduction`: see `_row_sums_in_one_reduction`."""
+  if one_reduction:
+    sums = jnp.stack(_row_sums_in_one_reduction(*arrays))
+  else:
+    sums = jnp.stack([a.sum(axis=0) for a in arrays])
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return tuple(sums)
@@ -382,9 +423,9 @@ def _row_count(rows: int, axis_name: str | None) -> jax.Array | int:
   return rows if axis_name is None else jax.lax.psum(rows, axis_name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                     axis_name: str | None, out_dtype: Any
+                     axis_name: str | None, out_dtype: Any, one_reduction: bool = False
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode BatchNorm over the last axis: (y, batch mean, batch variance).
 
@@ -396,18 +437,21 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
   (for the running averages) get their gradient terms too, although the step never uses
   them. The variance's clip at 0 passes no gradient in flax; here it does, which only
   matters for a channel that is constant over the batch, where x - mean is 0 anyway.
+  `one_reduction`: each pair of sums as one variadic reduction (`model.bn_statistics`).
   """
-  y, mean, var, _ = _batch_norm_train_forward(x, scale, bias, epsilon, axis_name, out_dtype)
+  y, mean, var, _ = _batch_norm_train_forward(x, scale, bias, epsilon, axis_name, out_dtype,
+                                              one_reduction)
   return y, mean, var
 
 
-def _batch_norm_train_forward(x, scale, bias, epsilon, axis_name, out_dtype):
+def _batch_norm_train_forward(x, scale, bias, epsilon, axis_name, out_dtype,
+                              one_reduction=False):
   """(y, mean, var, rsqrt(var + epsilon)) by plain JAX ops: the closed form's forward
   pass, and what autodiff differentiates for 'auto' off the CPU."""
   features = x.shape[-1]
   rows = x.reshape(-1, features).astype(jnp.float32)
   count = _row_count(rows.shape[0], axis_name)
-  total, total_sq = _channel_sums(axis_name, rows, rows * rows)
+  total, total_sq = _channel_sums(axis_name, rows, rows * rows, one_reduction=one_reduction)
   mean = total / count
   var = jnp.maximum(0.0, total_sq / count - mean * mean)
   inv_std = jax.lax.rsqrt(var + epsilon)
@@ -415,13 +459,14 @@ def _batch_norm_train_forward(x, scale, bias, epsilon, axis_name, out_dtype):
   return y.reshape(x.shape).astype(out_dtype), mean, var, inv_std
 
 
-def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, out_dtype):
+def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, out_dtype, one_reduction):
   y, mean, var, inv_std = _batch_norm_train_forward(x, scale, bias, epsilon, axis_name,
-                                                    out_dtype)
+                                                    out_dtype, one_reduction)
   return (y, mean, var), (x, scale, mean, inv_std)
 
 
-def _batch_norm_train_bwd(epsilon, axis_name, out_dtype, residuals, cotangents):
+def _batch_norm_train_bwd(epsilon, axis_name, out_dtype, one_reduction, residuals,
+                          cotangents):
   del epsilon, out_dtype
   x, scale, mean, inv_std = residuals
   grad, grad_mean, grad_var = cotangents
@@ -429,7 +474,8 @@ def _batch_norm_train_bwd(epsilon, axis_name, out_dtype, residuals, cotangents):
   centered = x.reshape(-1, features).astype(jnp.float32) - mean
   grad_rows = grad.reshape(-1, features).astype(jnp.float32)
   count = _row_count(centered.shape[0], axis_name)
-  grad_sum, grad_centered_sum = _channel_sums(axis_name, grad_rows, grad_rows * centered)
+  grad_sum, grad_centered_sum = _channel_sums(axis_name, grad_rows, grad_rows * centered,
+                                              one_reduction=one_reduction)
   gain = scale.astype(jnp.float32) * inv_std
   centered_coef = (-gain * inv_std * inv_std * grad_centered_sum + 2.0 * grad_var) / count
   offset = (-gain * grad_sum + grad_mean) / count
@@ -442,6 +488,7 @@ batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 BATCH_NORM_GRADIENTS = ("auto", "autodiff", "closed_form")
+BATCH_NORM_STATISTICS = ("auto", "separate", "one_reduction")
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -450,15 +497,27 @@ class BatchNorm(nnx.BatchNorm):
     'autodiff'     flax's BatchNorm differentiated by JAX;
     'closed_form'  `batch_norm_train` (same values, a hand-written gradient);
     'auto'         closed form on CPU, where it made the demo step ~5 % faster
-                   (docs/performance.md), autodiff elsewhere until measured there.
+                   (docs/performance.md), autodiff elsewhere until measured there;
+  and of how the two per-channel sums are reduced (`model.bn_statistics`, not for
+  'autodiff', which is flax's own): 'separate' (two reductions), 'one_reduction' (one
+  variadic reduction, `_row_sums_in_one_reduction`), 'auto' = separate (the variadic one
+  ran ~10x slower on CPU; not measured on a GPU yet).
   """
 
-  def __init__(self, num_features: int, *, gradient: str = "auto", **kwargs):
+  def __init__(self, num_features: int, *, gradient: str = "auto", statistics: str = "auto",
+               **kwargs):
     if gradient not in BATCH_NORM_GRADIENTS:
       raise ValueError(f"BatchNorm gradient {gradient!r} (model.bn_gradient); choose from "
                        f"{BATCH_NORM_GRADIENTS}.")
+    if statistics not in BATCH_NORM_STATISTICS:
+      raise ValueError(f"BatchNorm statistics {statistics!r} (model.bn_statistics); choose "
+                       f"from {BATCH_NORM_STATISTICS}.")
+    if gradient == "autodiff" and statistics == "one_reduction":
+      raise ValueError("model.bn_statistics='one_reduction' needs model.bn_gradient 'auto' "
+                       "or 'closed_form' ('autodiff' is flax's BatchNorm, its own sums).")
     super().__init__(num_features, **kwargs)
     self.gradient = gradient
+    self.statistics = statistics
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     if use_running_average is None:
@@ -471,7 +530,8 @@ class BatchNorm(nnx.BatchNorm):
     x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]),
                                         dtype=self.dtype)
     out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
-    args = (x, scale, bias, self.epsilon, self.axis_name, out_dtype)
+    args = (x, scale, bias, self.epsilon, self.axis_name, out_dtype,
+            self.statistics == "one_reduction")
     if self.gradient == "closed_form":
       y, mean, var = batch_norm_train(*args)
     else:
@@ -493,6 +553,7 @@ def batch_norm(
     zero_init_scale: bool = False,
     dtype: Dtype | None = None,
     gradient: str = "auto",
+    statistics: str = "auto",
     rngs: nnx.Rngs,
 ) -> BatchNorm:
   """BatchNorm over all but the last axis, float32 params and statistics.
@@ -500,12 +561,13 @@ def batch_norm(
   `axis_name` is the mesh axis to average statistics over inside `shard_map` (None under
   plain jit sharding). `zero_init_scale` starts a residual branch's last BN at 0 so each
   block begins as identity (SlowFast ZERO_INIT_FINAL_BN / torchvision zero_init_residual).
-  `gradient`: see `BatchNorm`.
+  `gradient`, `statistics`: see `BatchNorm`.
   """
   scale_init = nnx.initializers.zeros_init() if zero_init_scale else nnx.initializers.ones_init()
   return BatchNorm(
-      num_features, gradient=gradient, momentum=momentum, epsilon=epsilon, dtype=dtype,
-      param_dtype=jnp.float32, scale_init=scale_init, axis_name=axis_name, rngs=rngs)
+      num_features, gradient=gradient, statistics=statistics, momentum=momentum,
+      epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init,
+      axis_name=axis_name, rngs=rngs)
 
 
 def _pool_geometry(size: int, window: int, stride: int) -> tuple[int, int]:

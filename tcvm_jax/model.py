@@ -38,6 +38,7 @@ class TCVM(nnx.Module):
       bn_axis_name: str | None = None,
       bn_momentum: float = 0.9,
       bn_gradient: str = "auto",
+      bn_statistics: str = "auto",
       rngs: nnx.Rngs,
   ):
     check_clip_split(num_frames, num_clips)
@@ -50,7 +51,8 @@ class TCVM(nnx.Module):
     self.tc_head = heads.TCHead(
         num_features, self.clip_length, k=tc_k, second_order=tc_second_order,
         hidden_dim=tc_hidden_dim, dtype=dtype, bn_axis_name=bn_axis_name,
-        bn_momentum=bn_momentum, bn_gradient=bn_gradient, rngs=rngs)
+        bn_momentum=bn_momentum, bn_gradient=bn_gradient, bn_statistics=bn_statistics,
+        rngs=rngs)
     self.ofc_head = heads.OFCHead(num_features, hidden_dim=ofc_hidden_dim,
                                   output_dim=ofc_dim, dtype=dtype, rngs=rngs)
 
@@ -106,10 +108,12 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> TCVM:
   dtype = jnp.dtype(model_config.dtype)
   backbone = backbones.get_backbone(
       model_config.backbone, dtype=dtype, bn_axis_name=model_config.bn_axis_name,
-      bn_momentum=model_config.bn_momentum, bn_gradient=model_config.bn_gradient, rngs=rngs)
+      bn_momentum=model_config.bn_momentum, bn_gradient=model_config.bn_gradient,
+      bn_statistics=model_config.get("bn_statistics", "auto"), rngs=rngs)
   return TCVM(
       backbone, num_clips=num_clips, num_frames=num_frames, tc_k=model_config.tc_k,
       tc_second_order=model_config.tc_second_order, tc_hidden_dim=model_config.tc_hidden_dim,
       ofc_hidden_dim=model_config.ofc_hidden_dim, ofc_dim=model_config.ofc_dim, dtype=dtype,
       bn_axis_name=model_config.bn_axis_name, bn_momentum=model_config.bn_momentum,
-      bn_gradient=model_config.bn_gradient, rngs=rngs)
+      bn_gradient=model_config.bn_gradient,
+      bn_statistics=model_config.get("bn_statistics", "auto"), rngs=rngs)

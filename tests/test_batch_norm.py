@@ -45,8 +45,9 @@ def _relative_error(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
+@pytest.mark.parametrize("one_reduction", [False, True])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5, 8), (64, 16), (2, 7, 3)])
-def test_values_and_all_gradients_match_autodiff(shape):
+def test_values_and_all_gradients_match_autodiff(shape, one_reduction):
   x, scale, bias, (w_y, w_mean, w_var) = _inputs(shape)
 
   def loss(norm):
@@ -57,10 +58,11 @@ def test_values_and_all_gradients_match_autodiff(shape):
               + jnp.sum(var * w_var))
     return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
 
-  closed_form = lambda x, s, b: layers.batch_norm_train(x, s, b, EPS, None, jnp.float32)
+  closed_form = lambda x, s, b: layers.batch_norm_train(x, s, b, EPS, None, jnp.float32,
+                                                        one_reduction)
   # What 'auto' differentiates off the CPU: the same forward ops, autodiff's gradient.
   plain_ops = lambda x, s, b: layers._batch_norm_train_forward(  # pylint: disable=protected-access
-      x, s, b, EPS, None, jnp.float32)[:3]
+      x, s, b, EPS, None, jnp.float32, one_reduction)[:3]
   ref_value, ref_grads = loss(reference_batch_norm)(x, scale, bias)
   for norm in (closed_form, plain_ops):
     value, grads = loss(norm)(x, scale, bias)
@@ -183,3 +185,36 @@ def test_auto_is_the_closed_form_on_cpu_and_autodiff_is_flax():
 def test_unknown_gradient_is_an_error_listing_the_choices():
   with pytest.raises(ValueError, match="closed_form"):
     layers.batch_norm(4, gradient="fast", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="one_reduction"):
+    layers.batch_norm(4, statistics="fast", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="autodiff"):
+    layers.batch_norm(4, gradient="autodiff", statistics="one_reduction", rngs=nnx.Rngs(0))
+
+
+def test_one_reduction_computes_each_pair_of_sums_in_one_variadic_reduce():
+  x, scale, bias, (w_y, _, _) = _inputs((6, 5, 8))
+  forward = {flag: lambda x, s, b, flag=flag: layers.batch_norm_train(
+      x, s, b, EPS, None, jnp.float32, flag)[0] for flag in (False, True)}
+  separate = jax.jit(forward[False]).lower(x, scale, bias).as_text()
+  variadic = jax.jit(forward[True]).lower(x, scale, bias).as_text()
+  # Two reductions of one input each, against one reduction of two inputs (x and x^2).
+  assert separate.count("stablehlo.reduce(") == 2
+  assert variadic.count("stablehlo.reduce(") == 1
+  assert variadic.count(":2 = stablehlo.reduce(") == 1  # two results
+  backward = jax.jit(jax.grad(lambda x: jnp.sum(forward[True](x, scale, bias) * w_y)))
+  # The closed-form gradient's two sums (dy, dy * (x - mean)) too: one more reduction.
+  assert backward.lower(x).as_text().count("stablehlo.reduce(") == 2
+
+
+def test_module_statistics_one_reduction_trains_like_separate():
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(5, 6, 8)), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(7).normal(size=x.shape), jnp.float32)
+  for gradient in ("auto", "closed_form"):
+    results = []
+    for statistics in ("separate", "one_reduction"):
+      module = layers.batch_norm(8, gradient=gradient, statistics=statistics,
+                                 rngs=nnx.Rngs(0))
+      value, grads = nnx.value_and_grad(_train_loss, argnums=(0, 1))(module, x, weights)
+      results.append((value, grads, module.mean[...], module.var[...]))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -49,6 +49,8 @@ def test_presets_are_valid(preset):
     ("model.tc_hidden_dim", 0, r"config\.model\.tc_hidden_dim=0"),
     ("model.bn_axis_name", 3, r"config\.model\.bn_axis_name=3: must be None or"),
     ("model.bn_gradient", "fast", r"config\.model\.bn_gradient='fast': choose one of .*closed_form"),
+    ("model.bn_statistics", "one",
+     r"config\.model\.bn_statistics='one': choose one of .*one_reduction"),
     ("preset", "big", r"config\.preset='big': choose one of"),
     ("eval_retrieval", "k400", r"config\.eval_retrieval='k400': choose one of \('ucf101'"),
 ])

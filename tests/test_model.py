@@ -129,17 +129,18 @@ def test_build_model_validates_config(demo_config, overrides, message):
     nnx.eval_shape(lambda: model_lib.build_model(config, rngs=nnx.Rngs(0)))
 
 
-def test_bn_axis_name_momentum_and_gradient_from_config(demo_config):
+def test_bn_axis_name_momentum_gradient_and_statistics_from_config(demo_config):
   config = demo_config.copy_and_resolve_references()
   config.model.bn_axis_name = "data"
   config.model.bn_momentum = 0.8
   config.model.bn_gradient = "closed_form"
+  config.model.bn_statistics = "one_reduction"
   config.model.tc_hidden_dim = 48
   model = nnx.eval_shape(lambda: model_lib.build_model(config, rngs=nnx.Rngs(0)))
   norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
   assert len(norms) == 17 + 1  # backbone + TC head
   assert all(n.axis_name == "data" and n.momentum == 0.8 and n.gradient == "closed_form"
-             for n in norms)
+             and n.statistics == "one_reduction" for n in norms)
   assert model.tc_head.frame_fc.kernel.shape == (256, 48)
   assert model.tc_head.frame_projection.kernel.shape == (48, 256 // 4)
 

@@ -1,18 +1,21 @@
-"""benchmarks/options_ab.py (compiler-option A/B of the step in one process) and the
-helpers it shares with flags_ab.py (benchmarks/ab_rounds.py)."""
+"""benchmarks/options_ab.py (compiler-option A/B of the step in one process), the
+helpers it shares with flags_ab.py (benchmarks/ab_rounds.py), the pick of its winners
+(benchmarks/ab_winners.py) and the variants scripts/gpu_session.sh gives it."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
 import ml_collections
 import pytest
 
-from benchmarks import ab_rounds
+from benchmarks import ab_rounds, ab_winners
+from configs import pretrain
 from train_test_utils import (FAST_COMPILE_XLA_FLAGS, REPO_ROOT, TINY_BENCHMARK_OVERRIDES,
                               subprocess_env)
 
@@ -130,3 +133,65 @@ def test_an_unknown_option_is_an_error_naming_it(tmp_path):
   assert completed.returncode == 1
   assert "xla_no_such_option_for_tcvm" in completed.stderr
   assert "did not compile" in completed.stderr
+
+
+def _ab_result(rows):
+  """An options_ab.py JSON result: rows of (name, flags, waited ratio, chained ratio)."""
+  return {"variants": [{"name": name, "flags": flags} for name, flags, _, _ in rows],
+          "summary": {name: {"ratio_median": waited, "chained_ratio_median": chained}
+                      for name, _, waited, chained in rows}}
+
+
+def test_winners_beat_the_margin_and_the_control_and_do_not_clash():
+  rows = [("default", "", 1.0, 1.0),
+          ("control", "(the default, compiled again)", 1.01, 0.97),  # noise: 3 %
+          ("nhwc", "--xla_gpu_force_conv_nhwc=true", 0.97, 0.95),
+          ("small_gain", "--xla_gpu_x=1", 0.97, 0.975),     # within the control's noise
+          ("waits_longer", "--xla_gpu_y=1", 1.02, 0.90),    # chained faster, waited slower
+          ("nhwc_off", "--xla_gpu_force_conv_nhwc=false", 0.9, 0.93),  # clashes, faster
+          ("one_reduction", "--config.model.bn_statistics=one_reduction", 0.96, 0.96)]
+  names, xla, config = ab_winners.pick_winners(_ab_result(rows), min_gain=0.02)
+  assert names == ["nhwc_off", "one_reduction"]  # fastest first; 'nhwc' clashes with it
+  assert xla == ["--xla_gpu_force_conv_nhwc=false"]
+  assert config == ["--config.model.bn_statistics=one_reduction"]
+  # Without a control the margin is min_gain: 'small_gain' (2.5 %) and 'nhwc' count then,
+  # still behind the faster 'nhwc_off' for the same flag.
+  names, _, _ = ab_winners.pick_winners(_ab_result(rows[:1] + rows[2:]), min_gain=0.02)
+  assert names == ["nhwc_off", "one_reduction", "small_gain"]
+  assert ab_winners.pick_winners(_ab_result(rows[:2]), min_gain=0.02) == ([], [], [])
+
+
+def test_winners_script_output_is_shell_assignments(tmp_path):
+  result = tmp_path / "options_ab.json"
+  result.write_text(json.dumps(_ab_result([
+      ("default", "", 1.0, 1.0),
+      ("both", "--xla_gpu_enable_command_buffer= --config.model.bn_gradient=closed_form",
+       0.9, 0.9)])))
+  completed = subprocess.run(
+      ["bash", "-c", f'eval "$({sys.executable} benchmarks/ab_winners.py {result})"; '
+       'echo "[$WINNING_XLA_FLAGS] [$WINNING_CONFIG_FLAGS]"'],
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+  assert completed.returncode == 0, completed.stderr
+  assert completed.stdout.strip() == ("[--xla_gpu_enable_command_buffer=] "
+                                      "[--config.model.bn_gradient=closed_form]")
+  assert "both" in completed.stderr and "WINS" in completed.stderr
+
+
+def test_gpu_session_variants_parse_and_set_existing_config_fields():
+  # A typo here would only show on the rarely lent GPU machine; catch it on CPU.
+  with open(os.path.join(REPO_ROOT, "scripts", "gpu_session.sh")) as f:
+    script = f.read()
+  specs = re.findall(r"--variant=(\S+=\S*)", script)
+  assert len(specs) >= 4
+  variants = ab_rounds.option_variants(specs)
+  config = pretrain.get_config()
+  for _, _, options, overrides in variants:
+    assert all(name.startswith("xla_gpu_") for name in options)
+    changed = ab_rounds.apply_overrides(config, overrides)
+    for field, text in overrides.items():
+      section, leaf = field.rsplit(".", 1)
+      assert str(changed[section][leaf]) == text
+  completed = subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, "scripts",
+                                                          "gpu_session.sh")],
+                             capture_output=True, text=True, timeout=60)
+  assert completed.returncode == 0, completed.stderr

@@ -56,7 +56,7 @@ ENTRY %main (a: bf16[8,4,4,3], k: bf16[3,3,3,8]) -> f32[8] {
   %k = bf16[3,3,3,8]{3,2,1,0} parameter(1)
   %all-to-all.1 = bf16[8,4,4,3]{3,2,1,0} all-to-all(%a), dimensions={0}, metadata={op_name="jit(train_step)/jit(video_montage)/shard_map/all_to_all"}
   %conv_fusion.1 = bf16[8,4,4,8]{3,2,1,0} fusion(%all-to-all.1, %k), kind=kCustom, calls=%fused_conv, metadata={op_name="jit(train_step)/jvp()/conv_general_dilated" source_file="/x/layers.py" source_line=61}
-  %cudnn-conv-bw-filter.2 = (bf16[3,3,3,8]{3,2,1,0}, u8[0]{0}) custom-call(%a, %conv_fusion.1), custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp())/conv_general_dilated"}
+  %cudnn-conv-bw-filter.2 = (bf16[3,3,3,8]{3,2,1,0}, u8[4096]{0}) custom-call(%a, %conv_fusion.1), window={size=3x3}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp())/conv_general_dilated"}
   %input_reduce_fusion.3 = f32[8]{0} fusion(%conv_fusion.1), kind=kInput, calls=%fused_reduce, metadata={op_name="jit(train_step)/jvp()/reduce_sum"}
   %loop_maximum_fusion.4 = bf16[8,4,4,8]{3,2,1,0} fusion(%conv_fusion.1), kind=kLoop, calls=%fused_relu, metadata={op_name="jit(train_step)/transpose(jvp())/max"}
   %gemm_fusion.5 = bf16[128,16]{1,0} fusion(%loop_maximum_fusion.4, %k), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(train_step)/jvp(bthwc,cd->bthwd)/dot_general"}
@@ -149,6 +149,55 @@ def test_summary_attributes_each_kernel_to_its_phase_and_category(tmp_path):
   assert top["ms_per_step"] == pytest.approx(0.3)
   text = trace_summary.format_summary(summary)
   assert "montage" in text and "conv_fusion.1" not in text.splitlines()[0]
+
+
+def test_array_bytes_counts_every_array_of_a_shape():
+  assert trace_summary.array_bytes("(f32[8]{0}, bf16[2,4]{1,0})") == 8 * 4 + 8 * 2
+  assert trace_summary.array_bytes("pred[3,3]{1,0}") == 9
+  assert trace_summary.array_bytes("s8[32,28,28,64]{3,2,1,0}") == 32 * 28 * 28 * 64
+  assert trace_summary.array_bytes("u8[0]{0}") == 0
+  assert trace_summary.array_bytes("f32[]") == 4
+
+
+def test_bytes_and_flops_of_convolutions_matmuls_and_fusions():
+  instructions, _ = trace_summary.parse_hlo(HLO_TEXT)
+  members = trace_summary.computation_members(instructions)
+  # A 3x3 conv over 3 channels to 8 on 8 frames of 4x4: 2 FLOPs per multiply-add, one
+  # per output element, kernel tap and input channel.
+  conv_flops = 2 * (8 * 4 * 4 * 8) * (3 * 3 * 3)
+  assert trace_summary.op_flops("conv_fusion.1", instructions, members) == conv_flops
+  # Its weight gradient (cuDNN: operands input and output gradient, result the kernel)
+  # costs the same.
+  assert trace_summary.op_flops("cudnn-conv-bw-filter.2", instructions) == conv_flops
+  assert trace_summary.op_flops("gemm_fusion.5", instructions, members) == 2 * 128 * 16 * 8
+  assert trace_summary.op_flops("input_reduce_fusion.3", instructions, members) == 0
+  # A cuDNN call's result: the kernel gradient, not its scratch space (u8).
+  assert trace_summary.op_bytes("cudnn-conv-bw-filter.2", instructions) == (
+      8 * 4 * 4 * 3 + 8 * 4 * 4 * 8 + 3 * 3 * 3 * 8) * 2
+  # Bytes: its bf16 operand (8*4*4*8 elements) and f32[8] result.
+  assert trace_summary.op_bytes("input_reduce_fusion.3", instructions) == 8 * 4 * 4 * 8 * 2 + 32
+  assert trace_summary.op_bytes("gemm_fusion.5", instructions) == (128 * 8 + 3 * 3 * 3 * 8
+                                                                   + 128 * 16) * 2
+
+
+def test_summary_reports_achieved_rates(tmp_path):
+  trace_path, hlo_path = str(tmp_path / "trace.json.gz"), str(tmp_path / "hlo.txt")
+  _write_trace(trace_path, EVENTS, num_steps=2)
+  with open(hlo_path, "w") as f:
+    f.write(HLO_TEXT)
+  summary = trace_summary.summarize(trace_path, hlo_path, num_steps=2)
+  rows = {row["op"]: row for row in summary["top_ops"]}
+  conv = rows["conv_fusion.1"]  # 300 us per step
+  assert conv["tflop_per_step"] == pytest.approx(2 * 8 * 4 * 4 * 8 * 27 / 1e12)
+  assert conv["tflop_per_s"] == pytest.approx(conv["tflop_per_step"] / 300e-6)
+  reduce_bytes = 8 * 4 * 4 * 8 * 2 + 32
+  assert rows["input_reduce_fusion.3"]["gb_per_s"] == pytest.approx(reduce_bytes / 50e-6 / 1e9)
+  forward = summary["roofline"]["forward"]
+  assert forward["reduction"]["gb"] == pytest.approx(reduce_bytes / 1e9)
+  assert forward["reduction"]["ms"] == pytest.approx(0.05)
+  assert forward["convolution"]["tflop"] == pytest.approx(conv["tflop_per_step"])
+  text = trace_summary.format_summary(summary)
+  assert "TFLOP/s" in text and "GB/s" in text
 
 
 @pytest.mark.parametrize("kernel, category", [

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue #6 on a GPU in ONE device call (under 10 minutes): what the rare GPU session runs.
+#
+#   bash scripts/gpu_session.sh          # on the GPU machine, from the repo root
+#
+#   1. stem     the stem convolution three ways (benchmarks/stem_variants.py)
+#                                                  -> $OUT/stem.log
+#   2. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
+#               alternating rounds): default, NHWC convolutions, CUDA graphs off,
+#               BatchNorm's closed-form gradient, BatchNorm's sums as one reduction
+#                                                  -> $OUT/options_ab.{json,log}
+#   3. winners  benchmarks/ab_winners.py: the variants that beat the default by >= 2 %
+#               (chained steps), as XLA flags and config overrides -> $OUT/winners.txt
+#   4. the benchmark (scripts/run_gpu_benchmark.sh) with the winners applied, in the time
+#      left: R3D50 against eager PyTorch, against torch.compile, TSM50, the training loop
+#                                                  -> $OUT/*.json, *.log
+# The winners are not made defaults here: that is a code change for the session that
+# reads the results (layers.BatchNorm's 'auto', a CUDA flag in the step's compile options).
+#
+# Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), ROUNDS (6),
+# BATCH (32), R3D_CONFIG (configs/pretrain.py; also run_gpu_benchmark.sh's; a dry run on
+# CPU: R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4). Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/tcvm_gpu_session}
+TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-560}
+ROUNDS=${ROUNDS:-6}
+BATCH=${BATCH:-32}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+# shellcheck source=scripts/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"  # START, elapsed, say, left, install_carried_wheels
+install_carried_wheels
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# As run_gpu_benchmark.sh: a rerun on a warm machine finds its compiled programs.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_compilation_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+quiet() { grep --line-buffered -v -E '^[IW][0-9]{4} |^WARNING: All log|oneDNN'; }
+
+say "=== stem"
+timeout -k 5 60 "$PYTHON" benchmarks/stem_variants.py 2>&1 | quiet | tee "$OUT/stem.log"
+
+say "=== levers (A/B, $ROUNDS rounds)"
+timeout -k 5 $(( $(left) - 200 )) "$PYTHON" benchmarks/options_ab.py \
+    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
+    --variant=conv_nhwc=--xla_gpu_force_conv_nhwc=true \
+    --variant=no_command_buffer=--xla_gpu_enable_command_buffer= \
+    --variant=bn_closed_form=--config.model.bn_gradient=closed_form \
+    --variant=bn_one_reduction=--config.model.bn_statistics=one_reduction \
+    --rounds="$ROUNDS" --nocontrol --json="$OUT/options_ab.json" 2>&1 | quiet \
+    | tee "$OUT/options_ab.log"
+say "levers finished with exit code ${PIPESTATUS[0]}"
+
+WINNING_XLA_FLAGS="" WINNING_CONFIG_FLAGS=""
+if [ -f "$OUT/options_ab.json" ]; then
+  eval "$("$PYTHON" benchmarks/ab_winners.py "$OUT/options_ab.json" 2>"$OUT/winners.txt")"
+  cat "$OUT/winners.txt"
+fi
+say "winners: XLA_FLAGS+='$WINNING_XLA_FLAGS' config: '$WINNING_CONFIG_FLAGS'" \
+    | tee -a "$OUT/winners.txt"
+
+say "=== benchmark with the winners ($(left)s left)"
+XLA_FLAGS="${XLA_FLAGS:-} $WINNING_XLA_FLAGS" EXTRA_FLAGS="$WINNING_CONFIG_FLAGS" OUT="$OUT" \
+    BATCH="$BATCH" TOTAL_BUDGET_S=$(( $(left) - 5 )) bash scripts/run_gpu_benchmark.sh
+say "done in $(elapsed)s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
