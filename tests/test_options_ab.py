@@ -127,12 +127,18 @@ def test_end_to_end_on_cpu(tmp_path):
   assert "no_ynn" in completed.stdout and "differs" in completed.stdout
 
 
-def test_an_unknown_option_is_an_error_naming_it(tmp_path):
-  completed = _run(tmp_path, "--variant=bogus=--xla_no_such_option_for_tcvm=1", "--rounds=1",
-                   "--nocontrol")
+def test_an_unknown_option_is_named_and_left_out_and_the_others_still_run(tmp_path):
+  json_path = tmp_path / "ab.json"
+  completed = _run(tmp_path, "--variant=bogus=--xla_no_such_option_for_tcvm=1",
+                   "--variant=one_clip=--config.montage.num_clips=1", "--rounds=1",
+                   "--nocontrol", f"--json={json_path}")
   assert completed.returncode == 1
   assert "xla_no_such_option_for_tcvm" in completed.stderr
   assert "did not compile" in completed.stderr
+  results = json.loads(json_path.read_text())
+  assert list(results["failed"]) == ["bogus"]
+  assert [v["name"] for v in results["variants"]] == ["default", "one_clip"]
+  assert set(results["summary"]) == {"default", "one_clip"}
 
 
 def _ab_result(rows):
