@@ -456,19 +456,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append("rates of the ops matched to the HLO (GB: their operands and results; "
                  "TFLOP: convolutions and matmuls):")
     lines.append(f"  {'phase':<12}{'category':<16}{'ms':>8}{'GB':>9}{'GB/s':>8}"
-                 f"{'TFLOP':>8}{'TFLOP/s':>9}")
+                 f"{'TFLOP':>9}{'TFLOP/s':>9}")
     for phase in PHASES:
       for category, rates in summary["roofline"].get(phase, {}).items():
         seconds = rates["ms"] / 1e3
-        lines.append(f"  {phase:<12}{category:<16}{rates['ms']:8.2f}{rates['gb']:9.2f}"
-                     f"{rates['gb'] / seconds:8.0f}{rates['tflop']:8.2f}"
-                     f"{rates['tflop'] / seconds:9.1f}")
+        lines.append(f"  {phase:<12}{category:<16}{rates['ms']:8.2f}{rates['gb']:9.3f}"
+                     f"{rates['gb'] / seconds:8.0f}{rates['tflop']:9.4f}"
+                     f"{rates['tflop'] / seconds:9.3f}")
   lines.append("top ops (ms/step, launches, category, phase, GB/s, TFLOP/s, source, shape, "
                "op_name):")
   for row in summary["top_ops"]:
     lines.append(f"  {row['ms_per_step']:7.3f} {row['launches_per_step']:4.0f} "
                  f"{row['category'][:11]:<11} {row['phase'][:8]:<8} "
-                 f"{row.get('gb_per_s', 0.0):6.0f} {row.get('tflop_per_s', 0.0):6.1f} "
+                 f"{row.get('gb_per_s', 0.0):6.0f} {row.get('tflop_per_s', 0.0):7.3f} "
                  f"{row['source']:<22} {row['shape'][:40]:<40} {row['op_name'][-70:]}")
   return "\n".join(lines)
 
