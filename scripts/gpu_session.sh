@@ -12,12 +12,16 @@
 #   3. winners  benchmarks/ab_winners.py: the variants that beat the default by >= 2 %
 #               (chained steps), as XLA flags and config overrides -> $OUT/winners.txt
 #   4. the benchmark (scripts/run_gpu_benchmark.sh) with the winners applied, in the time
-#      left: R3D50 against eager PyTorch, against torch.compile, TSM50, the training loop
-#                                                  -> $OUT/*.json, *.log
+#      left but $PROFILE_S: R3D50 against eager PyTorch, against torch.compile, TSM50, the
+#      training loop                               -> $OUT/*.json, *.log
+#   5. a device trace of 3 R3D50 steps with the winners (benchmarks/profile_step.py), for
+#      reading offline with benchmarks/trace_summary.py (time, GB/s, TFLOP/s per op)
+#                                                  -> $OUT/profile/
 # The winners are not made defaults here: that is a code change for the session that
 # reads the results (layers.BatchNorm's 'auto', a CUDA flag in the step's compile options).
 #
 # Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), ROUNDS (6),
+# PROFILE_S (75),
 # BATCH (32), R3D_CONFIG (configs/pretrain.py; also run_gpu_benchmark.sh's; a dry run on
 # CPU: R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4). Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
 set -uo pipefail
@@ -25,6 +29,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tcvm_gpu_session}
 TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-560}
 ROUNDS=${ROUNDS:-6}
+PROFILE_S=${PROFILE_S:-75}
 BATCH=${BATCH:-32}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -58,8 +63,19 @@ if [ -f "$OUT/options_ab.json" ]; then
 fi
 say "winners: XLA_FLAGS+='$WINNING_XLA_FLAGS' config: '$WINNING_CONFIG_FLAGS'" \
     | tee -a "$OUT/winners.txt"
+# XLA reads an XLA_FLAGS that does not start with '--' (even " ") as a file name: add the
+# winners only when there are some.
+if [ -n "$WINNING_XLA_FLAGS" ]; then
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$WINNING_XLA_FLAGS"
+fi
 
 say "=== benchmark with the winners ($(left)s left)"
-XLA_FLAGS="${XLA_FLAGS:-} $WINNING_XLA_FLAGS" EXTRA_FLAGS="$WINNING_CONFIG_FLAGS" OUT="$OUT" \
-    BATCH="$BATCH" TOTAL_BUDGET_S=$(( $(left) - 5 )) bash scripts/run_gpu_benchmark.sh
+EXTRA_FLAGS="$WINNING_CONFIG_FLAGS" OUT="$OUT" BATCH="$BATCH" \
+    TOTAL_BUDGET_S=$(( $(left) - PROFILE_S )) bash scripts/run_gpu_benchmark.sh
+
+say "=== profile with the winners ($(left)s left)"
+# shellcheck disable=SC2086
+timeout -k 5 $(( $(left) - 3 )) "$PYTHON" benchmarks/profile_step.py \
+    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 --time_steps=5 --out="$OUT/profile" \
+    $WINNING_CONFIG_FLAGS 2>&1 | quiet | tail -45 | tee "$OUT/profile.log"
 say "done in $(elapsed)s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
