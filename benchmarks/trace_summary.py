@@ -14,9 +14,10 @@ read off the instruction (for a fusion, off the ops in its fused computation) an
 `op_name` metadata. Each matched op also gets the bytes of its operands and results and,
 for convolutions and matmuls (cuDNN and cuBLAS calls included), its FLOPs, hence achieved
 GB/s and TFLOP/s against the device's roofline (a fusion that re-reads an operand or reads
-part of it moves more or less than that). On a CPU trace, XLA's asynchronous thunks (convolutions, dots) trace
-only their launch; each is credited with the time no traced op runs until its
-'end: NAME' marker (`credit_in_flight`), and what is left is reported as idle.
+part of it moves more or less than that). On a CPU trace, XLA's asynchronous thunks
+(convolutions, dots) trace only their launch; each is credited with the time no traced op
+runs until its 'end: NAME' marker (`credit_in_flight`), and what is left is reported as
+idle.
 Pure Python: runs anywhere, on files fetched from a GPU machine too.
 """
 

@@ -21,9 +21,10 @@
 # reads the results (layers.BatchNorm's 'auto', a CUDA flag in the step's compile options).
 #
 # Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), ROUNDS (6),
-# PROFILE_S (75),
-# BATCH (32), R3D_CONFIG (configs/pretrain.py; also run_gpu_benchmark.sh's; a dry run on
-# CPU: R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4). Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
+# PROFILE_S (75), BATCH (32), R3D_CONFIG (configs/pretrain.py; run_gpu_benchmark.sh's too).
+# A dry run on CPU (every phase, ~3 minutes): PYTHON=venv/bin/python
+# R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4 ROUNDS=2.
+# Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tcvm_gpu_session}
@@ -76,6 +77,7 @@ EXTRA_FLAGS="$WINNING_CONFIG_FLAGS" OUT="$OUT" BATCH="$BATCH" \
 say "=== profile with the winners ($(left)s left)"
 # shellcheck disable=SC2086
 timeout -k 5 $(( $(left) - 3 )) "$PYTHON" benchmarks/profile_step.py \
-    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 --time_steps=5 --out="$OUT/profile" \
-    $WINNING_CONFIG_FLAGS 2>&1 | quiet | tail -45 | tee "$OUT/profile.log"
+    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
+    --time_steps=5 --out="$OUT/profile" $WINNING_CONFIG_FLAGS 2>&1 | quiet | tail -45 \
+    | tee "$OUT/profile.log"
 say "done in $(elapsed)s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -25,8 +25,9 @@
 #
 # Knobs (environment): BATCH (default 32), STEPS (20), WARMUP (3), TOTAL_BUDGET_S (330),
 # PHASE_TIMEOUT_S (170), TORCH_COMPILE (1), R3D_CONFIG (configs/pretrain.py), TSM_CONFIG
-# (configs/pretrain.py:tsm50; both changeable for a dry run on CPU), EXTRA_FLAGS (config overrides passed to every
-# JAX run, the loop's too; scripts/gpu_session.sh sets them and XLA_FLAGS from its A/B).
+# (configs/pretrain.py:tsm50; both changeable for a dry run on CPU), EXTRA_FLAGS (config
+# overrides passed to every JAX run, the loop's too; scripts/gpu_session.sh sets them, and
+# XLA_FLAGS, from its A/B).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
