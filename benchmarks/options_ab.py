@@ -17,8 +17,9 @@ odd rounds and reversed on even ones; in each round every variant runs
 `--steps_per_round` steps waiting for each (median) and as many back to back (mean). It
 prints each variant's median over rounds and the median, min and max of its per-round
 ratio to 'default' (< 1: faster), and whether its compiled program differs from the
-default's (identical HLO: the option changed at most code generation, or nothing). A
-variant that does not compile or run is left out, named on stderr and under "failed" in
+default's (identical HLO: the option changed at most code generation, or nothing). The
+JSON is rewritten after every round ("rounds_done"), so a run cut short keeps what it
+measured. A variant that does not compile or run is left out, named on stderr and under "failed" in
 the JSON, and the exit status is 1; the others are still timed.
 'control' (on unless --nocontrol) is the default compiled again: an identical program,
 so its ratio shows how far two equal variants land apart here (1.005 / 1.017 over 16
@@ -146,18 +147,13 @@ def main(argv) -> int:
   names = [variant[0] for variant in variants]
   same_hlo = {name: texts[name] == texts[DEFAULT] for name in names}
   rounds: list[dict[str, dict[str, float]]] = []
-  start = time.perf_counter()
-  for index in range(_ROUNDS.value):
-    order = ab_rounds.round_order(names, index)
-    rounds.append({name: time_round(steps[name], _STEPS_PER_ROUND.value) for name in order})
-    print(f"round {index + 1}/{_ROUNDS.value}: " + "  ".join(
-        f"{name} {rounds[-1][name]['step_time_s'] * 1e3:.1f}" for name in names) + " ms",
-          flush=True)
-  summary = ab_rounds.summarize_rounds(names, rounds)
-  print(format_summary(variants, summary, same_hlo), flush=True)
-  print(f"{_ROUNDS.value} rounds in {time.perf_counter() - start:.0f} s", flush=True)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+
+  def write_json(summary):
+    # After every round (with "rounds_done"): a run cut short by a time limit still
+    # leaves what it measured.
+    if not _JSON.value:
+      return
+    with open(_JSON.value + ".tmp", "w") as f:
       json.dump({"variants": [{"name": n, "flags": t, "options": o, "config_overrides": c}
                               for n, t, o, c in variants],
                  "device_kind": jax.devices()[0].device_kind,
@@ -165,7 +161,21 @@ def main(argv) -> int:
                  "without_montage": _WITHOUT_MONTAGE.value,
                  "compile_time_s": {n: steps[n].compile_time_s for n in names},
                  "hlo_identical_to_default": same_hlo, "summary": summary,
-                 "rounds": rounds, "failed": failed}, f, indent=1)
+                 "rounds": rounds, "rounds_done": len(rounds),
+                 "rounds_planned": _ROUNDS.value, "failed": failed}, f, indent=1)
+    os.replace(_JSON.value + ".tmp", _JSON.value)
+
+  start = time.perf_counter()
+  for index in range(_ROUNDS.value):
+    order = ab_rounds.round_order(names, index)
+    rounds.append({name: time_round(steps[name], _STEPS_PER_ROUND.value) for name in order})
+    print(f"round {index + 1}/{_ROUNDS.value}: " + "  ".join(
+        f"{name} {rounds[-1][name]['step_time_s'] * 1e3:.1f}" for name in names) + " ms",
+          flush=True)
+    write_json(ab_rounds.summarize_rounds(names, rounds))
+  summary = ab_rounds.summarize_rounds(names, rounds)
+  print(format_summary(variants, summary, same_hlo), flush=True)
+  print(f"{_ROUNDS.value} rounds in {time.perf_counter() - start:.0f} s", flush=True)
   if failed:
     print(f"left out (did not compile or run): {sorted(failed)}", file=sys.stderr)
   return 1 if failed else 0

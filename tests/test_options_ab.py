@@ -120,6 +120,8 @@ def test_end_to_end_on_cpu(tmp_path):
   assert results["hlo_identical_to_default"] == {"default": True, "no_ynn": False,
                                                  "one_clip": False, "control": True}
   assert len(results["rounds"]) == 2
+  assert results["rounds_done"] == results["rounds_planned"] == 2
+  assert not os.path.exists(f"{json_path}.tmp")
   for round_times in results["rounds"]:
     assert all(t > 0 for name in names for t in round_times[name].values())
   assert results["summary"]["default"]["ratio_median"] == pytest.approx(1.0)
