@@ -3,8 +3,9 @@
 #
 #   bash scripts/gpu_session.sh          # on the GPU machine, from the repo root
 #
-#   1. stem     the stem convolution three ways (benchmarks/stem_variants.py)
-#                                                  -> $OUT/stem.log
+#   1. stem     the stem convolution three ways (benchmarks/stem_variants.py), and the
+#               montage's augmentation with float32 vs bfloat16 planes
+#               (benchmarks/augment_variants.py)   -> $OUT/stem.log, augment.log
 #   2. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
 #               alternating rounds): default, NHWC convolutions, CUDA graphs off,
 #               BatchNorm's closed-form gradient, BatchNorm's sums as one reduction
@@ -45,6 +46,8 @@ quiet() { grep --line-buffered -v -E '^[IW][0-9]{4} |^WARNING: All log|oneDNN'; 
 
 say "=== stem"
 timeout -k 5 60 "$PYTHON" benchmarks/stem_variants.py 2>&1 | quiet | tee "$OUT/stem.log"
+say "=== augment"
+timeout -k 5 45 "$PYTHON" benchmarks/augment_variants.py 2>&1 | quiet | tee "$OUT/augment.log"
 
 say "=== levers (A/B, $ROUNDS rounds)"
 timeout -k 5 $(( $(left) - 200 )) "$PYTHON" benchmarks/options_ab.py \

@@ -213,14 +213,17 @@ def resize_matrices(crop_box: jax.Array, in_hw: Sequence[int], out_size: int,
 
 
 def _crop_resize_planes(clip: jax.Array, crop_box: jax.Array, flip: jax.Array | bool,
-                        out_size: int, precision: jax.lax.Precision) -> jax.Array:
-  """(L, H, W, 3) uint8 -> (3, L, S, S) float32 in [0, 1]: one plane per channel."""
+                        out_size: int, precision: jax.lax.Precision,
+                        compute_dtype: Any = jnp.float32) -> jax.Array:
+  """(L, H, W, 3) uint8 -> (3, L, S, S) `compute_dtype` in [0, 1]: one plane per channel."""
   rows, cols = resize_matrices(crop_box, clip.shape[1:3], out_size, flip)
   # Contract W first, on (H, L, 3, W): both matmuls then see their contracted axis last /
   # first without a float transpose in between (the one transpose is on uint8 input).
-  frames = jnp.transpose(clip, (1, 0, 3, 2)).astype(jnp.float32)  # (H, L, 3, W)
-  frames = jnp.einsum("hlcw,tw->hlct", frames, cols * (1.0 / 255.0), precision=precision)
-  return jnp.einsum("sh,hlct->clst", rows, frames, precision=precision)  # (3, L, S, S)
+  frames = jnp.transpose(clip, (1, 0, 3, 2)).astype(compute_dtype)  # (H, L, 3, W)
+  frames = jnp.einsum("hlcw,tw->hlct", frames, (cols * (1.0 / 255.0)).astype(compute_dtype),
+                      precision=precision)
+  return jnp.einsum("sh,hlct->clst", rows.astype(compute_dtype), frames,
+                    precision=precision)  # (3, L, S, S)
 
 
 def crop_resize_flip(clip: jax.Array, crop_box: jax.Array, flip: jax.Array | bool,
@@ -366,26 +369,35 @@ def adjust_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
 
 def _jitter_planes(planes: Planes, brightness: jax.Array, contrast: jax.Array,
                    saturation: jax.Array, hue: jax.Array, order: jax.Array) -> Planes:
-  """`color_jitter` on planes."""
+  """`color_jitter` on planes. Each pass computes in float32 and stores the planes in
+  their own dtype (bfloat16 planes: half the bytes, float32 arithmetic)."""
+  stored = planes[0].dtype
   position = jnp.argsort(order)  # position[op]: where op comes in the order.
   hue_position = position[3]
   blend_ops = order[jnp.argsort(order == 3, stable=True)[:3]]  # 0 bright., 1 contr., 2 sat.
   blend_after_hue = position[blend_ops] > hue_position
-  factors = jnp.stack([brightness, contrast, saturation]).astype(planes[0].dtype)[blend_ops]
+  factors = jnp.stack([brightness, contrast, saturation]).astype(jnp.float32)[blend_ops]
+
+  def in_float32(planes):
+    return tuple(plane.astype(jnp.float32) for plane in planes)
+
+  def stored_as(planes):
+    return tuple(plane.astype(stored) for plane in planes)
 
   def blend_slot(slot, planes, after_hue):
+    planes = in_float32(planes)
     op = blend_ops[slot]
     factor = jnp.where(blend_after_hue[slot] == after_hue, factors[slot], 1.0)
     gray = _gray_plane(planes)
     mean_gray = gray.mean(axis=(-2, -1), keepdims=True)  # contrast's reference level
     other = jnp.where(op == 0, 0.0, jnp.where(op == 1, mean_gray, gray))
-    return _blend_planes(planes, other, factor)
+    return stored_as(_blend_planes(planes, other, factor))
 
   # Loops, not unrolled code: the carry is materialised between slots. Unrolled, XLA
   # fuses the whole chain into one loop, where each slot reads all three planes of the
   # previous one, so the work grows as ~4^slots (seconds instead of milliseconds on CPU).
   planes = jax.lax.fori_loop(0, 3, functools.partial(blend_slot, after_hue=False), planes)
-  planes = _hue_planes(planes, hue)
+  planes = stored_as(_hue_planes(in_float32(planes), hue))
   return jax.lax.fori_loop(0, 3, functools.partial(blend_slot, after_hue=True), planes)
 
 
@@ -546,8 +558,15 @@ def center_crop_params(in_hw: Sequence[int], out_size: int,
       std=tuple(float(s) for s in std))
 
 
-def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-  """(L, H, W, 3) uint8 -> (L, S, S, 3) normalised `dtype`, one parameter set for all frames."""
+def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float32,
+                  compute_dtype: Any = jnp.float32) -> jax.Array:
+  """(L, H, W, 3) uint8 -> (L, S, S, 3) normalised `dtype`, one parameter set for all frames.
+
+  `compute_dtype`: the planes' dtype from the resampling to the normalisation. float32
+  (the default, what the step uses); bfloat16 halves the bytes every pass moves, which is
+  what the GPU's montage time is made of (docs/performance.md), for ~3 significant digits
+  (8-bit input has ~2.4). Only `benchmarks/augment_variants.py` uses bfloat16 so far.
+  """
   if clip.ndim != 4 or clip.shape[-1] != 3:
     raise ValueError(f"Expected a clip (L, H, W, 3), got shape {clip.shape}.")
   if clip.dtype != jnp.uint8:
@@ -556,7 +575,7 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
   height, width = clip.shape[1:3]
   out_size = params.out_size
   planes = _crop_resize_planes(clip, params.crop_box, params.flip, out_size,
-                               matmul_precision(dtype))  # (3, L, S, S)
+                               matmul_precision(dtype), resolve_dtype(compute_dtype))
   rgb = (planes[0], planes[1], planes[2])
   jittered = _jitter_planes(rgb, params.brightness, params.contrast, params.saturation,
                             params.hue, params.jitter_order)
@@ -574,8 +593,8 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
 CPU_AUGMENT_CHUNK_PIXELS = 262_144
 
 
-def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.float32
-                  ) -> jax.Array:
+def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.float32,
+                  compute_dtype: Any = jnp.float32) -> jax.Array:
   """A batch of clips at once: (K, L, H, W, 3) uint8, params with leaves (K, ...) ->
   (K, L, S, S, 3) `dtype`.
 
@@ -591,7 +610,7 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
     raise ValueError(f"Expected clips (K, L, H, W, 3), got shape {clips.shape}.")
 
   def batched(params, clips):
-    return jax.vmap(lambda p, c: apply_augment(p, c, dtype))(params, clips)
+    return jax.vmap(lambda p, c: apply_augment(p, c, dtype, compute_dtype))(params, clips)
 
   num_clips, clip_len, height, width, _ = clips.shape
   chunk = cpu_chunks.chunk_size(num_clips, clip_len * height * width,

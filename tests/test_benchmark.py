@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import jax_step
+from benchmarks import augment_variants, jax_step
 from configs import pretrain
 from tcvm_jax import host_memory
 from train_test_utils import (FAST_COMPILE_XLA_FLAGS, TINY_BENCHMARK_OVERRIDES,
@@ -171,3 +171,10 @@ def test_peak_flops_table():
   assert jax_step.peak_flops("NVIDIA H200", "bfloat16") == 989.4e12
   assert jax_step.peak_flops("cpu", "bfloat16") is None
   assert jax_step.peak_flops("TPU v5 lite", "bfloat16") is None
+
+
+def test_augment_variants_times_both_plane_dtypes(capsys):
+  assert augment_variants.main(["--preset=demo", "--batch_size=1", "--steps=1"]) == 0
+  out = capsys.readouterr().out
+  assert "float32  planes" in out and "bfloat16 planes" in out
+  assert "4 clips of 4 x 64^2 -> 56^2" in out and "max" in out
