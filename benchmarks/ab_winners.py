@@ -45,13 +45,13 @@ def pick_winners(result: dict[str, Any], min_gain: float = 0.02
       and summary[v["name"]]["ratio_median"] < 1.0)
   names, xla_flags, config_flags, taken = [], [], [], set()
   for _, name, flags_text in candidates:
-    tokens = flags_text.split()
-    keys = {token.split("=", 1)[0] for token in tokens}
+    options, overrides = ab_rounds.parse_options(flags_text)
+    keys = {("xla", option) for option in options} | {("config", f) for f in overrides}
     if keys & taken:  # a faster winner already set one of these
       continue
     taken |= keys
     names.append(name)
-    for token in tokens:
+    for token in flags_text.split():  # parse_options accepted each as one or the other
       (config_flags if token.startswith("--config.") else xla_flags).append(token)
   return names, xla_flags, config_flags
 

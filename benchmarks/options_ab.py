@@ -19,8 +19,8 @@ prints each variant's median over rounds and the median, min and max of its per-
 ratio to 'default' (< 1: faster), and whether its compiled program differs from the
 default's (identical HLO: the option changed at most code generation, or nothing). The
 JSON is rewritten after every round ("rounds_done"), so a run cut short keeps what it
-measured. A variant that does not compile or run is left out, named on stderr and under "failed" in
-the JSON, and the exit status is 1; the others are still timed.
+measured. A variant that does not compile or run is left out, named on stderr and under
+"failed" in the JSON, and the exit status is 1; the others are still timed.
 'control' (on unless --nocontrol) is the default compiled again: an identical program,
 so its ratio shows how far two equal variants land apart here (1.005 / 1.017 over 16
 rounds on the 2-core development host; 0.92 in one 5-variant run of 10 rounds).
@@ -172,8 +172,8 @@ def main(argv) -> int:
     print(f"round {index + 1}/{_ROUNDS.value}: " + "  ".join(
         f"{name} {rounds[-1][name]['step_time_s'] * 1e3:.1f}" for name in names) + " ms",
           flush=True)
-    write_json(ab_rounds.summarize_rounds(names, rounds))
-  summary = ab_rounds.summarize_rounds(names, rounds)
+    summary = ab_rounds.summarize_rounds(names, rounds)
+    write_json(summary)
   print(format_summary(variants, summary, same_hlo), flush=True)
   print(f"{_ROUNDS.value} rounds in {time.perf_counter() - start:.0f} s", flush=True)
   if failed:

@@ -104,7 +104,9 @@ def _operands(rest: str, opcode: str) -> list[str]:
 
 def parse_hlo(text: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
   """Instructions by name ({opcode, shape, op_name, calls, target, source, bytes, dims,
-  operands, computation, ...}) and each computation's opcodes."""
+  computation, operand_dims, operand_bytes, kernel_labels, lhs_contracting, ...}) and each
+  computation's opcodes. Operands are looked up in their own computation (parameter names
+  repeat across computations)."""
   instructions: dict[str, dict[str, Any]] = {}
   computations: dict[str, list[str]] = collections.defaultdict(list)
   current = None
@@ -121,11 +123,12 @@ def parse_hlo(text: str) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]
       dim_labels = _DIM_LABELS.search(rest)
       contracting = _LHS_CONTRACTING.search(rest) or _CUBLAS_CONTRACTING.search(rest)
       operands = [scope[o] for o in _operands(rest, opcode) if o in scope]
+      first_array = _ARRAY.search(shape)
       instructions[name] = scope[name] = {
           "opcode": opcode, "shape": shape[:120],
           # A library call's result tuple ends in its scratch space (u8): not moved data.
-          "bytes": (array_bytes(_ARRAY.search(shape).group()) if opcode == "custom-call"
-                    and _ARRAY.search(shape) else array_bytes(shape)),
+          "bytes": (array_bytes(first_array.group()) if opcode == "custom-call"
+                    and first_array else array_bytes(shape)),
           "dims": _first_dims(shape), "computation": current,
           "operand_dims": [o["dims"] for o in operands],
           "operand_bytes": sum(o["bytes"] for o in operands),

@@ -36,12 +36,11 @@ BATCH=${BATCH:-32}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 # shellcheck source=scripts/gpu_common.sh
-source "$(dirname "$0")/gpu_common.sh"  # START, elapsed, say, left, install_carried_wheels
+source "$(dirname "$0")/gpu_common.sh"  # START, elapsed, say, left, install_carried_wheels,
+                                        # use_compilation_cache
 install_carried_wheels
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-# As run_gpu_benchmark.sh: a rerun on a warm machine finds its compiled programs.
-export JAX_COMPILATION_CACHE_DIR=/tmp/jax_compilation_cache
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+use_compilation_cache
 quiet() { grep --line-buffered -v -E '^[IW][0-9]{4} |^WARNING: All log|oneDNN'; }
 
 say "=== stem"

@@ -44,12 +44,10 @@ TSM_CONFIG=${TSM_CONFIG:-configs/pretrain.py:tsm50}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 # shellcheck source=scripts/gpu_common.sh
-source "$(dirname "$0")/gpu_common.sh"  # START, elapsed, say, left, install_carried_wheels
+source "$(dirname "$0")/gpu_common.sh"  # START, elapsed, say, left, install_carried_wheels,
+                                        # use_compilation_cache
 install_carried_wheels
-
-# Compiled XLA programs survive between calls on a warm machine (inductor caches in /tmp).
-export JAX_COMPILATION_CACHE_DIR=/tmp/jax_compilation_cache
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+use_compilation_cache
 # JAX starts after each torch process has exited, so it may take most of the memory.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 

@@ -110,23 +110,6 @@ def test_space_to_depth_conv_equals_strided_conv(height, width, kernel, stride):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("height, width, kernel, stride", [(9, 12, 7, 2), (11, 7, 5, 3)])
-def test_space_to_depth_matmul_equals_strided_conv_with_gradients(height, width, kernel,
-                                                                  stride):
-  # The im2col form that benchmarks/stem_variants.py times: the same values and gradients.
-  rng = np.random.default_rng(6)
-  x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
-  weights = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
-  plain_out, plain_vjp = jax.vjp(functools.partial(layers._conv2d, stride=stride), x, weights)
-  rows_out, rows_vjp = jax.vjp(
-      functools.partial(layers._conv2d_space_to_depth_matmul, stride=stride), x, weights)
-  np.testing.assert_allclose(np.asarray(rows_out), np.asarray(plain_out), rtol=1e-5,
-                             atol=1e-5)
-  cotangent = jnp.asarray(rng.normal(size=plain_out.shape), jnp.float32)
-  for ours, expected in zip(rows_vjp(cotangent), plain_vjp(cotangent)):
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("kt", [1, 3, 5])
 def test_temporal_conv_as_matmuls_equals_the_2d_conv_with_gradients(kt):
   # CPU computes temporal kernels as kt shifted matmuls, other backends as a 2D conv; both
@@ -143,19 +126,23 @@ def test_temporal_conv_as_matmuls_equals_the_2d_conv_with_gradients(kt):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv", [layers._conv2d_space_to_depth,
+                                  layers._conv2d_space_to_depth_matmul])
 @pytest.mark.parametrize("height, width, kernel, stride", [(9, 12, 7, 2), (11, 7, 5, 3)])
-def test_space_to_depth_conv_gradients_equal_strided_conv_gradients(height, width, kernel,
-                                                                    stride):
-  # The CUDA backward pass (the space-to-depth graph's VJP), called directly: this machine
-  # has no GPU, so platform_dependent never picks it here.
+def test_space_to_depth_forms_equal_strided_conv_with_gradients(conv, height, width, kernel,
+                                                                stride):
+  # Called directly: the space-to-depth graph's VJP is the CUDA backward pass (this
+  # machine has no GPU, so platform_dependent never picks it here); its one-matmul form
+  # is what benchmarks/stem_variants.py times. Same values and gradients as the plain conv.
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
   weights = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
   plain_out, plain_vjp = jax.vjp(functools.partial(layers._conv2d, stride=stride), x, weights)
+  ours_out, ours_vjp = jax.vjp(functools.partial(conv, stride=stride), x, weights)
+  np.testing.assert_allclose(np.asarray(ours_out), np.asarray(plain_out), rtol=1e-5,
+                             atol=1e-5)
   cotangent = jnp.asarray(rng.normal(size=plain_out.shape), jnp.float32)
-  _, blocks_vjp = jax.vjp(functools.partial(layers._conv2d_space_to_depth, stride=stride),
-                          x, weights)
-  for ours, expected in zip(blocks_vjp(cotangent), plain_vjp(cotangent)):
+  for ours, expected in zip(ours_vjp(cotangent), plain_vjp(cotangent)):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-4, atol=1e-4)
 
 
