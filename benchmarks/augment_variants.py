@@ -1,15 +1,17 @@
-r"""Times the montage's clip augmentation with float32 and with bfloat16 planes (issue #6).
+r"""Times the montage's clip augmentation: float32 or bfloat16 planes, and the blur along H
+as taps or as one matmul (issue #6).
 
   python benchmarks/augment_variants.py [--config=configs/pretrain.py] [--batch_size=32]
 
 `augment.augment_clips` on the step's clips (batch_size x montage.num_clips clips of
 T / s frames at data.input_size, to montage.output_size, bfloat16 output as the bf16
 step), with the planes between passes in float32 (what the step uses) and in bfloat16
-(`compute_dtype`; each pass still computes in float32). On the H200 the montage was
-4.6 % of the step, nearly all of it passes over float32 planes (docs/performance.md);
-bfloat16 planes halve their bytes. Jitted, median of --steps; prints the time of each
-and how far the bfloat16 planes' output lands from the float32 one (normalised units:
-one uint8 level is ~0.017).
+(`compute_dtype`; each pass still computes in float32), each with the blur along H as
+11 taps over reflect-padded planes or as one (S, S) matmul (`blur_rows`). On the H200
+bfloat16 planes took the augmentation from 2.61 to 1.61 ms (now the CUDA default); the
+padded copies were 0.37 ms of the float32 montage (docs/performance.md). Jitted, median of
+--steps; prints the time of each and how far the bfloat16 planes' output lands from the
+float32 one (normalised units: one uint8 level is ~0.017).
 """
 
 from __future__ import annotations
@@ -48,16 +50,17 @@ def main(argv=None) -> int:
       key, config.augment, (size, size), out_size))(keys)
   outputs = {}
   for name in ("float32", "bfloat16"):
-    fn = jax.jit(lambda p, c, name=name: augment.augment_clips(p, c, jnp.bfloat16,
-                                                               compute_dtype=name))
-    outputs[name] = fn(params, clips)
-    seconds, _ = jax_step.median_time(lambda fn=fn: fn(params, clips).block_until_ready(),
-                                      steps=args.steps, warmup=3)
-    print(f"augment_clips, {name:<8} planes on {jax.devices()[0].device_kind}: "
-          f"{seconds * 1e3:8.3f} ms ({num_clips} clips of {length} x {size}^2 -> "
-          f"{out_size}^2)", flush=True)
-  error = jnp.abs(outputs["bfloat16"].astype(jnp.float32)
-                  - outputs["float32"].astype(jnp.float32))
+    for rows in augment.BLUR_ROWS:
+      fn = jax.jit(lambda p, c, name=name, rows=rows: augment.augment_clips(
+          p, c, jnp.bfloat16, compute_dtype=name, blur_rows=rows))
+      outputs[name, rows] = fn(params, clips)
+      seconds, _ = jax_step.median_time(lambda fn=fn: fn(params, clips).block_until_ready(),
+                                        steps=args.steps, warmup=3)
+      print(f"augment_clips, {name:<8} planes, blur rows as {rows:<6} on "
+            f"{jax.devices()[0].device_kind}: {seconds * 1e3:8.3f} ms ({num_clips} clips of "
+            f"{length} x {size}^2 -> {out_size}^2)", flush=True)
+  error = jnp.abs(outputs["bfloat16", "taps"].astype(jnp.float32)
+                  - outputs["float32", "taps"].astype(jnp.float32))
   print(f"|bfloat16 planes - float32 planes|: mean {float(error.mean()):.4f}, "
         f"max {float(error.max()):.4f} (normalised units)")
   return 0

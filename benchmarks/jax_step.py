@@ -22,6 +22,7 @@ from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import montage as montage_lib
 from tcvm_jax import optim
 from tcvm_jax import train_step as train_step_lib
+from tcvm_jax import xla_options
 from tcvm_jax.flops import count_macs  # re-exported: the benchmark counts model FLOPs with it
 
 # Dense peak FLOP/s per device by compute dtype, matched as substrings of
@@ -193,6 +194,8 @@ class CompiledStep:
                                                  num_train_steps=100_000)
     graphdef, self.state = train_step_lib.create_train_state(config, self.mesh, optimizer)
     self.videos = synthetic_videos(config, self.mesh, config.batch_size, seed=config.seed)
+    # As the training loop compiles it; `compiler_options` add to these or override them.
+    workarounds = xla_options.for_mesh(config.model.backbone, self.mesh)
     if without_montage:
       montage = montage_lib.make_montage_fn(config, self.mesh)
       # The first step's montage: then the first run() does what the full step's does.
@@ -200,12 +203,12 @@ class CompiledStep:
                             jax.random.fold_in(self.state["rng"], self.state["step"]))
       step_fn = train_step_lib.jit_train_step(
           train_step_lib.make_update_step(config, graphdef, optimizer, schedule), self.mesh,
-          num_batch_args=2)
+          num_batch_args=2, compiler_options=workarounds)
     else:
       self.inputs = (self.videos,)
       step_fn = train_step_lib.jit_train_step(
           train_step_lib.make_train_step(config, graphdef, self.mesh, optimizer, schedule),
-          self.mesh)
+          self.mesh, compiler_options=workarounds)
     start = time.perf_counter()
     self.compiled = step_fn.lower(self.state, *self.inputs).compile(
         compiler_options=compiler_options)

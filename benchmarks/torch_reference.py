@@ -111,8 +111,11 @@ class ReferenceSpec:
 
   @property
   def augment_settings(self) -> torch_montage.AugmentSettings:
+    # How the JAX step stores its planes and runs its blur, not what it computes: the
+    # reference keeps float32 planes and its own blur.
     fields = {name: tuple(value) if isinstance(value, (list, tuple)) else value
-              for name, value in (self.augment or {}).items()}
+              for name, value in (self.augment or {}).items()
+              if name not in ("plane_dtype", "blur_rows")}
     return torch_montage.AugmentSettings(**fields)
 
   @property

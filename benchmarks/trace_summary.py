@@ -4,7 +4,9 @@ r"""Summarises a jax.profiler trace of the pretraining step by phase and op cate
 
 TRACE is the `perfetto_trace.json.gz` that `jax.profiler` writes (benchmarks/
 profile_step.py copies it to DIR/trace.json.gz), HLO the compiled program's text. Each
-device op in the trace is matched, by its `hlo_op` name, to its instruction in the HLO:
+device op in the trace is matched, by its `hlo_op` name, to its instruction in the HLO
+(inside a CUDA graph: XLA's kernels by their name, cuBLAS kernels by their order,
+`match_library_matmuls`):
   category  convolution (cuDNN or XLA), matmul (cuBLAS, Triton or XLA dot), reduction,
             elementwise, copy/transpose, collective, other;
   phase     montage (inside the montage's shard_map), backward (transpose of the JVP),
@@ -359,6 +361,32 @@ def _idle_spans(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
   return gaps
 
 
+def match_library_matmuls(events: list[dict[str, Any]],
+                          instructions: dict[str, dict[str, Any]],
+                          by_kernel_name: dict[str, str], num_steps: int) -> dict[int, str]:
+  """{id(event): cuBLAS call} for the cuBLAS kernels inside command buffers (CUDA graphs),
+  which name no instruction. When there are exactly `num_steps` x (the program's cuBLAS
+  calls) of them, the i-th of each step in time order is the i-th call in program order:
+  XLA runs a GPU program's thunks in its schedule on one stream, one kernel per call.
+  Otherwise (another count) nothing is matched and they stay "[library kernel] matmul"."""
+  calls = [name for name, info in instructions.items()
+           if info["opcode"] == "custom-call" and "cublas" in (info["target"] or "")]
+  pending = sorted((event for event in events
+                    if _names_no_instruction(event, instructions)
+                    and str(event.get("name", "")) not in by_kernel_name
+                    and kernel_category(str(event.get("name", ""))) == "matmul"),
+                   key=lambda event: float(event.get("ts", 0.0)))
+  if not calls or len(pending) != num_steps * len(calls):
+    return {}
+  return {id(event): calls[index % len(calls)] for index, event in enumerate(pending)}
+
+
+def _names_no_instruction(event: dict[str, Any],
+                          instructions: dict[str, dict[str, Any]]) -> bool:
+  name = event["args"]["hlo_op"]
+  return name not in instructions or instructions[name]["opcode"] == "command-buffer"
+
+
 def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
               ) -> dict[str, Any]:
   """Device time per step by phase x category, and the `top` ops by time."""
@@ -375,12 +403,14 @@ def summarize(trace_path: str, hlo_path: str, *, num_steps: int, top: int = 40
   # Inside a command buffer (a CUDA graph) every kernel reports the buffer as its hlo_op;
   # XLA's own kernels are named after their instruction ('.' and '-' made '_').
   by_kernel_name = {re.sub(r"[.\-]", "_", name): name for name in instructions}
+  library_matmuls = match_library_matmuls(events, instructions, by_kernel_name, num_steps)
   per_op: dict[str, dict[str, Any]] = {}
   for event in events:
     name = event["args"]["hlo_op"]
-    if name not in instructions or instructions[name]["opcode"] == "command-buffer":
+    if _names_no_instruction(event, instructions):
       kernel = str(event.get("name", ""))
-      name = by_kernel_name.get(kernel, f"[library kernel] {kernel_category(kernel)}")
+      name = by_kernel_name.get(kernel) or library_matmuls.get(
+          id(event), f"[library kernel] {kernel_category(kernel)}")
     entry = per_op.setdefault(name, {"time_us": 0.0, "count": 0, "kernels": set()})
     entry["time_us"] += float(event.get("dur", 0.0))
     entry["count"] += 1

@@ -55,6 +55,11 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale.
 NUM_CROP_TRIES = 10
 BLUR_REFERENCE_SIZE = 224  # `blur_sigma` is given in pixels of an image this size.
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+# The planes' dtype between the augmentation's passes (`augment.plane_dtype`); 'auto' picks
+# per platform (`augment_clips`).
+PLANE_DTYPES = ("float32", "bfloat16")
+# How the blur filters along H (`augment.blur_rows`, `_blur_planes`).
+BLUR_ROWS = ("taps", "matmul")
 _HIGHEST = jax.lax.Precision.HIGHEST  # exact uint8 values through the one-hot matrices.
 
 
@@ -112,6 +117,13 @@ def validate_augment_config(aug_config: Any) -> None:
                        "channel.")
   if min(aug_config.std) <= 0:
     raise ValueError(f"augment.std={aug_config.std} must be > 0.")
+  blur_rows = getattr(aug_config, "blur_rows", "taps")
+  if blur_rows not in BLUR_ROWS:
+    raise ValueError(f"augment.blur_rows={blur_rows!r}; choose from {BLUR_ROWS}.")
+  plane_dtype = getattr(aug_config, "plane_dtype", "auto")
+  if plane_dtype not in ("auto",) + PLANE_DTYPES:
+    raise ValueError(f"augment.plane_dtype={plane_dtype!r}; choose from "
+                     f"{('auto',) + PLANE_DTYPES}.")
 
 
 def _check_sizes(in_hw: Sequence[int], out_size: int) -> None:
@@ -453,22 +465,33 @@ def _correlate_valid(padded: jax.Array, kernel: jax.Array, axis: int) -> jax.Arr
 
 
 def _blur_planes(planes: jax.Array, sigma: jax.Array, enabled: jax.Array | bool,
-                 radius: int, precision: jax.lax.Precision = _HIGHEST) -> jax.Array:
+                 radius: int, precision: jax.lax.Precision = _HIGHEST,
+                 rows: str = "taps") -> jax.Array:
   """Separable blur over the last two axes (H, W) of `planes`; reflect borders.
 
-  Along H: 2 * radius + 1 shifted multiply-adds (11 at 112 px), one fused elementwise
-  pass. Along W: a matmul with the dense (W, W) filter. The matmul costs more FLOPs but
-  ends the chain of fused elementwise work: XLA:CPU would otherwise recompute the first
-  pass inside every tap of the second, and the whole blur inside each consumer of the
-  augmented frames (the stem's forward and its weight gradient read them twice).
+  Along H (`rows`, `augment.blur_rows`): 'taps', 2 * radius + 1 shifted multiply-adds (11
+  at 112 px) over the reflect-padded planes, one fused elementwise pass; or 'matmul', the
+  dense (H, H) filter with the reflection folded in (no padded copy; more FLOPs, which a
+  GPU has to spare: the padding's copies were 0.37 ms of the H200's 2.15 ms montage with
+  float32 planes). Along W: a matmul with the dense (W, W) filter. The matmul costs more
+  FLOPs but ends the chain of fused elementwise work: XLA:CPU would otherwise recompute
+  the first pass inside every tap of the second, and the whole blur inside each consumer
+  of the augmented frames (the stem's forward and its weight gradient read them twice).
   """
-  width = planes.shape[-1]
-  # Off: a unit impulse, so every output is 1 * x + 0 * neighbours, exactly x.
-  impulse = jnp.zeros(2 * radius + 1, jnp.float32).at[radius].set(1.0)
-  kernel = jnp.where(enabled, gaussian_kernel(sigma, radius), impulse).astype(planes.dtype)
-  pad = [(0, 0)] * (planes.ndim - 2) + [(radius, radius), (0, 0)]
-  padded = jnp.pad(planes, pad, mode="reflect")  # numpy 'reflect': -1 -> 1
-  rows_done = _correlate_valid(padded, kernel, axis=planes.ndim - 2)  # (..., H, W)
+  if rows not in BLUR_ROWS:
+    raise ValueError(f"augment.blur_rows={rows!r}; choose from {BLUR_ROWS}.")
+  height, width = planes.shape[-2:]
+  if rows == "matmul":
+    row_filter = jnp.where(enabled, blur_matrix(sigma, height, radius), jnp.eye(height))
+    rows_done = jnp.einsum("uh,...hw->...uw", row_filter.astype(planes.dtype), planes,
+                           precision=precision)
+  else:
+    # Off: a unit impulse, so every output is 1 * x + 0 * neighbours, exactly x.
+    impulse = jnp.zeros(2 * radius + 1, jnp.float32).at[radius].set(1.0)
+    kernel = jnp.where(enabled, gaussian_kernel(sigma, radius), impulse).astype(planes.dtype)
+    pad = [(0, 0)] * (planes.ndim - 2) + [(radius, radius), (0, 0)]
+    padded = jnp.pad(planes, pad, mode="reflect")  # numpy 'reflect': -1 -> 1
+    rows_done = _correlate_valid(padded, kernel, axis=planes.ndim - 2)  # (..., H, W)
   columns = jnp.where(enabled, blur_matrix(sigma, width, radius), jnp.eye(width))
   return jnp.einsum("...hw,vw->...hv", rows_done, columns.astype(planes.dtype),
                     precision=precision)
@@ -559,13 +582,14 @@ def center_crop_params(in_hw: Sequence[int], out_size: int,
 
 
 def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float32,
-                  compute_dtype: Any = jnp.float32) -> jax.Array:
+                  compute_dtype: Any = jnp.float32, blur_rows: str = "taps") -> jax.Array:
   """(L, H, W, 3) uint8 -> (L, S, S, 3) normalised `dtype`, one parameter set for all frames.
 
   `compute_dtype`: the planes' dtype from the resampling to the normalisation. float32
-  (the default, what the step uses); bfloat16 halves the bytes every pass moves, which is
+  (the default; the step's on CPU); bfloat16 halves the bytes every pass moves, which is
   what the GPU's montage time is made of (docs/performance.md), for ~3 significant digits
-  (8-bit input has ~2.4). Only `benchmarks/augment_variants.py` uses bfloat16 so far.
+  (8-bit input has ~2.4): the step's on CUDA (`augment.plane_dtype='auto'`).
+  `blur_rows`: how the blur filters along H ('taps' or 'matmul', `_blur_planes`).
   """
   if clip.ndim != 4 or clip.shape[-1] != 3:
     raise ValueError(f"Expected a clip (L, H, W, 3), got shape {clip.shape}.")
@@ -583,7 +607,8 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
   gray = _gray_plane(rgb)
   rgb = tuple(jnp.where(params.grayscale, gray, plane) for plane in rgb)
   planes = _blur_planes(jnp.stack(rgb), params.blur_sigma, params.blur,
-                        blur_radius(out_size), matmul_precision(dtype))  # (3, L, S, S)
+                        blur_radius(out_size), matmul_precision(dtype),
+                        blur_rows)  # (3, L, S, S)
   frames = jnp.moveaxis(planes, 0, -1)  # (L, S, S, 3)
   return normalize(frames, params.mean, params.std).astype(dtype)
 
@@ -594,9 +619,14 @@ CPU_AUGMENT_CHUNK_PIXELS = 262_144
 
 
 def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.float32,
-                  compute_dtype: Any = jnp.float32) -> jax.Array:
+                  compute_dtype: Any = jnp.float32, blur_rows: str = "taps") -> jax.Array:
   """A batch of clips at once: (K, L, H, W, 3) uint8, params with leaves (K, ...) ->
   (K, L, S, S, 3) `dtype`.
+
+  `compute_dtype`: the planes' dtype (`apply_augment`), or 'auto' (`augment.plane_dtype`):
+  bfloat16 on CUDA, where it cut the augmentation of the paper's batch from 2.61 to
+  1.61 ms on an H200 (benchmarks/augment_variants.py), float32 elsewhere (slower in
+  bfloat16 on the CPU; not measured on TPU).
 
   One vmapped program: the resampling and blur become batched matmuls / fused
   elementwise passes over all K clips, with no per-clip loop. On CPU the clips go in
@@ -609,22 +639,34 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
   if clips.ndim != 5 or clips.shape[-1] != 3:
     raise ValueError(f"Expected clips (K, L, H, W, 3), got shape {clips.shape}.")
 
-  def batched(params, clips):
-    return jax.vmap(lambda p, c: apply_augment(p, c, dtype, compute_dtype))(params, clips)
+  auto = isinstance(compute_dtype, str) and compute_dtype == "auto"
+  if not auto and jnp.dtype(compute_dtype).name not in PLANE_DTYPES:
+    raise ValueError(f"augment.plane_dtype {jnp.dtype(compute_dtype).name!r}; choose from "
+                     f"{PLANE_DTYPES}.")
+
+  def batched(params, clips, planes=jnp.float32 if auto else compute_dtype):
+    return jax.vmap(lambda p, c: apply_augment(p, c, dtype, planes, blur_rows))(params,
+                                                                               clips)
 
   num_clips, clip_len, height, width, _ = clips.shape
   chunk = cpu_chunks.chunk_size(num_clips, clip_len * height * width,
                                 CPU_AUGMENT_CHUNK_PIXELS)
-  if chunk >= num_clips:
-    return batched(params, clips)
+
+  if chunk >= num_clips and not auto:
+    return batched(params, clips)  # one program on every platform
 
   def in_chunks(params, clips):
+    if chunk >= num_clips:
+      return batched(params, clips)
     return jnp.concatenate([
         batched(jax.tree.map(lambda leaf: leaf[start:start + chunk], params),
                 clips[start:start + chunk])
         for start in range(0, num_clips, chunk)])
 
-  return jax.lax.platform_dependent(params, clips, cpu=in_chunks, default=batched)
+  branches = {"cpu": in_chunks, "default": batched}
+  if auto:
+    branches["cuda"] = functools.partial(batched, planes=jnp.bfloat16)
+  return jax.lax.platform_dependent(params, clips, **branches)
 
 
 def augment_clip(key: jax.Array, clip: jax.Array, aug_config: Any, out_size: int,

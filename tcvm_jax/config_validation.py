@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from tcvm_jax import backbones, layers, losses, montage, optim
+from tcvm_jax import augment, backbones, layers, losses, montage, optim
 
 # 'random': uint8 noise videos made on the fly (tests, benchmarks; no files needed).
 DATA_NAMES = ("tfrecord", "synthetic", "random")
@@ -193,6 +193,10 @@ def _validate_montage_and_augment(config) -> None:
       _fail(f"augment.{name}", value, "needs three finite numbers (R, G, B).")
   if min(_get(config, "augment.std")) <= 0:
     _fail("augment.std", tuple(_get(config, "augment.std")), "every value must be > 0.")
+  if "blur_rows" in config.augment:
+    check_choice(config, "augment.blur_rows", augment.BLUR_ROWS)
+  if "plane_dtype" in config.augment:
+    check_choice(config, "augment.plane_dtype", ("auto",) + augment.PLANE_DTYPES)
 
 
 def _validate_model(config) -> None:

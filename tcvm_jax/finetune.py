@@ -44,6 +44,7 @@ from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import metrics as metrics_lib
 from tcvm_jax import optim
 from tcvm_jax import retrieval
+from tcvm_jax import xla_options
 
 TrainState = dict[str, Any]
 LABEL_MAP_FILENAME = "label_map.txt"
@@ -202,11 +203,12 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   return train_step
 
 
-def jit_train_step(train_step, mesh: Mesh):
+def jit_train_step(train_step, mesh: Mesh, compiler_options: dict[str, Any] | None = None):
   replicated = mesh_lib.replicated_sharding(mesh)
   sharded = mesh_lib.batch_sharding(mesh)
   return jax.jit(train_step, in_shardings=(replicated, sharded, sharded),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+                 out_shardings=(replicated, replicated), donate_argnums=(0,),
+                 compiler_options=compiler_options)
 
 
 def make_score_fn(graphdef: nnx.GraphDef, *, out_size: int, mean: Sequence[float],
@@ -403,11 +405,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[s
   step = int(jax.device_get(state["step"]))
 
   dtype = jnp.dtype(config.model.dtype)
+  options = xla_options.for_mesh(source.backbone, mesh)
   step_fn = jit_train_step(make_train_step(config, graphdef, optimizer, schedule,
-                                           mean=source.mean, std=source.std), mesh)
+                                           mean=source.mean, std=source.std), mesh, options)
   runner = retrieval.make_view_runner(
       make_score_fn(eval_graphdef, out_size=config.eval.output_size, mean=source.mean,
-                    std=source.std, dtype=dtype), mesh)
+                    std=source.std, dtype=dtype), mesh, options)
   batches = pipeline.make_train_dataset(
       config, process_index=jax.process_index(), process_count=jax.process_count(),
       batch_size_per_process=batch_per_process, seed=config.seed,

@@ -500,8 +500,9 @@ class BatchNorm(nnx.BatchNorm):
                    (docs/performance.md), autodiff elsewhere until measured there;
   and of how the two per-channel sums are reduced (`model.bn_statistics`, not for
   'autodiff', which is flax's own): 'separate' (two reductions), 'one_reduction' (one
-  variadic reduction, `_row_sums_in_one_reduction`), 'auto' = separate (the variadic one
-  ran ~10x slower on CPU; not measured on a GPU yet).
+  variadic reduction, `_row_sums_in_one_reduction`), 'auto' = one reduction on CUDA (the
+  R3D50 step 2.4 % faster on an H200, chained), separate elsewhere (the variadic one ran
+  ~10x slower on CPU; not measured on TPU).
   """
 
   def __init__(self, num_features: int, *, gradient: str = "auto", statistics: str = "auto",
@@ -530,14 +531,23 @@ class BatchNorm(nnx.BatchNorm):
     x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]),
                                         dtype=self.dtype)
     out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
-    args = (x, scale, bias, self.epsilon, self.axis_name, out_dtype,
-            self.statistics == "one_reduction")
+    static = (self.epsilon, self.axis_name, out_dtype)
+
+    def closed_form(one_reduction):
+      return lambda *a: batch_norm_train(*a, *static, one_reduction)
+
+    def autodiff_of_forward(one_reduction):
+      return lambda *a: _batch_norm_train_forward(*a, *static, one_reduction)[:3]
+
+    # 'auto' statistics: one reduction on CUDA only (R3D50 step 2.4 % faster on an H200).
+    explicit, on_cuda = self.statistics == "one_reduction", self.statistics != "separate"
     if self.gradient == "closed_form":
-      y, mean, var = batch_norm_train(*args)
-    else:
-      y, mean, var = jax.lax.platform_dependent(
-          *args[:3], cpu=lambda *a: batch_norm_train(*a, *args[3:]),
-          default=lambda *a: _batch_norm_train_forward(*a, *args[3:])[:3])
+      branches = {"cpu": closed_form(explicit), "cuda": closed_form(on_cuda),
+                  "default": closed_form(explicit)}
+    else:  # 'auto': closed form on CPU, autodiff of the plain ops elsewhere
+      branches = {"cpu": closed_form(explicit), "cuda": autodiff_of_forward(on_cuda),
+                  "default": autodiff_of_forward(explicit)}
+    y, mean, var = jax.lax.platform_dependent(x, scale, bias, **branches)
     momentum = self.momentum
     self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
     self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)

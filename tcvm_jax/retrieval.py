@@ -42,6 +42,7 @@ from tcvm_jax import backbones
 from tcvm_jax import checkpointing
 from tcvm_jax import config_validation as cv
 from tcvm_jax import mesh as mesh_lib
+from tcvm_jax import xla_options
 
 RANDOM_INIT = "random"       # init_checkpoint value: a randomly initialised encoder.
 AUTO_BACKBONE = "auto"       # model.backbone value: the checkpoint's architecture.
@@ -290,24 +291,28 @@ def unpack_view_meta(meta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 @functools.lru_cache(maxsize=16)
-def _jit_view_fn(view_fn: Callable, mesh: Mesh) -> Callable:
-  """One compiled program per (view_fn, mesh): reused when a run evaluates again."""
+def _jit_view_fn(view_fn: Callable, mesh: Mesh,
+                 compiler_options: tuple[tuple[str, Any], ...] = ()) -> Callable:
+  """One compiled program per (view_fn, mesh, options): reused when a run evaluates again."""
   replicated = mesh_lib.replicated_sharding(mesh)
   sharded = mesh_lib.batch_sharding(mesh)
   return jax.jit(lambda state, videos, meta: (view_fn(state, videos), meta),
                  in_shardings=(replicated, sharded, sharded),
-                 out_shardings=(replicated, replicated))
+                 out_shardings=(replicated, replicated),
+                 compiler_options=dict(compiler_options) or None)
 
 
-def make_view_runner(view_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh
+def make_view_runner(view_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh,
+                     compiler_options: dict[str, Any] | None = None
                      ) -> Callable[[Any, Mapping[str, np.ndarray]], tuple[np.ndarray, ...]]:
-  """Jits `view_fn(state, uint8 videos) -> (B, D)` over the mesh.
+  """Jits `view_fn(state, uint8 videos) -> (B, D)` over the mesh (with XLA's
+  `compiler_options`, `xla_options.for_mesh`).
 
   The returned runner takes this process's host batch (from `make_eval_dataset`) and
   returns the GLOBAL batch's (values, video_index, labels, mask) as NumPy on every
   process, so each process can average every video.
   """
-  jitted = _jit_view_fn(view_fn, mesh)
+  jitted = _jit_view_fn(view_fn, mesh, tuple(sorted((compiler_options or {}).items())))
 
   def run(state, host_batch):
     videos, meta = mesh_lib.host_batch_to_global(
@@ -501,7 +506,7 @@ def extract_video_features(config: ml_collections.ConfigDict, source: EncoderSou
   feature_fn = make_feature_fn(graphdef, out_size=config.eval.output_size,
                                mean=tuple(source.mean), std=tuple(source.std),
                                dtype=jnp.dtype(config.model.dtype))
-  runner = make_view_runner(feature_fn, mesh)
+  runner = make_view_runner(feature_fn, mesh, xla_options.for_mesh(source.backbone, mesh))
   batch_per_process = per_process_batch_size(config.batch_size, mesh)
   outputs = {}
   for split, (num_clips, num_crops) in views_by_split.items():

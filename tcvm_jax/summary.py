@@ -26,6 +26,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from tcvm_jax import model as model_lib
+from tcvm_jax import xla_options
 from tcvm_jax.flops import count_macs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (+ :preset).")
@@ -62,14 +63,16 @@ def parameter_table(model: model_lib.TCVM) -> list[tuple[str, int]]:
 
 
 def forward_flops(module: nnx.Module, apply: Callable[[nnx.Module, jax.Array], Any],
-                  input_shape: tuple[int, ...]) -> float:
-  """XLA's FLOP count for `apply(module, x)` compiled at `input_shape`, eval mode."""
+                  input_shape: tuple[int, ...],
+                  compiler_options: dict[str, Any] | None = None) -> float:
+  """XLA's FLOP count for `apply(module, x)` compiled at `input_shape`, eval mode (with
+  XLA's `compiler_options`, `xla_options.for_mesh`)."""
   graphdef, state = nnx.split(module)
 
   def forward(state, inputs):
     return apply(nnx.merge(graphdef, state), inputs)
 
-  compiled = jax.jit(forward).lower(
+  compiled = jax.jit(forward, compiler_options=compiler_options).lower(
       state, jax.ShapeDtypeStruct(input_shape, jnp.float32)).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
@@ -97,8 +100,9 @@ def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
   rows = parameter_table(model)
   clip_shape = (1, config.data.num_frames, config.montage.output_size,
                 config.montage.output_size, 3)
-  model_flops = forward_flops(model, lambda m, x: m(x), clip_shape)
-  backbone_flops = forward_flops(model.backbone, lambda b, x: b(x), clip_shape)
+  options = xla_options.for_mesh(config.model.backbone)  # compiled on the default backend
+  model_flops = forward_flops(model, lambda m, x: m(x), clip_shape, options)
+  backbone_flops = forward_flops(model.backbone, lambda b, x: b(x), clip_shape, options)
   backbone_macs = dense_macs(model.backbone, lambda b, x: b(x), clip_shape)
   backbone_params = count_params(model.backbone)
   head_params = count_params(model.tc_head) + count_params(model.ofc_head)

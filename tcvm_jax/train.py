@@ -41,6 +41,7 @@ from tcvm_jax import metrics as metrics_lib
 from tcvm_jax import optim
 from tcvm_jax import prefetch
 from tcvm_jax import train_step as train_step_lib
+from tcvm_jax import xla_options
 
 RESULTS_FILENAME = "results.json"
 RETRIEVAL_CONFIG = "configs/retrieval.py"  # presets named by config.eval_retrieval
@@ -300,7 +301,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   optimizer, schedule = optim.create_optimizer(config, steps_per_epoch, num_train_steps)
   graphdef, state = train_step_lib.create_train_state(config, mesh, optimizer)
   step_fn = train_step_lib.jit_train_step(
-      train_step_lib.make_train_step(config, graphdef, mesh, optimizer, schedule), mesh)
+      train_step_lib.make_train_step(config, graphdef, mesh, optimizer, schedule), mesh,
+      compiler_options=xla_options.for_mesh(config.model.backbone, mesh))
 
   writer = metrics_lib.create_writer(workdir, is_primary=jax.process_index() == 0)
   checkpointer = checkpointing.Checkpointer(

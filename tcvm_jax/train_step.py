@@ -131,12 +131,13 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
   return train_step
 
 
-def jit_train_step(train_step, mesh: Mesh, donate: bool = True, num_batch_args: int = 1):
+def jit_train_step(train_step, mesh: Mesh, donate: bool = True, num_batch_args: int = 1,
+                   compiler_options: dict[str, Any] | None = None):
   """Jits the step: state replicated (and donated), the `num_batch_args` arguments after
   it (videos; or pseudo-videos and source ids for `make_update_step`) sharded over
-  `data`."""
+  `data`. `compiler_options`: XLA's (`xla_options.for_mesh`)."""
   replicated = mesh_lib.replicated_sharding(mesh)
   return jax.jit(train_step,
                  in_shardings=(replicated,) + (mesh_lib.batch_sharding(mesh),) * num_batch_args,
                  out_shardings=(replicated, replicated),
-                 donate_argnums=(0,) if donate else ())
+                 donate_argnums=(0,) if donate else (), compiler_options=compiler_options)

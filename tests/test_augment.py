@@ -334,7 +334,7 @@ def test_augment_clips_batch_equals_clip_by_clip(chunk_clips, monkeypatch):
   params = with_fields(params, jitter=on, grayscale=~on, blur=on, flip=on)
   if chunk_clips:
     monkeypatch.setattr(augment, "CPU_AUGMENT_CHUNK_PIXELS", chunk_clips * 2 * 16 * 16)
-  augment_clips = lambda p, c: augment.augment_clips(p, c)  # a new function: no trace cache
+  augment_clips = lambda p, c: augment.augment_clips(p, c, jnp.float32, "float32")  # no cache
   jaxpr = str(jax.make_jaxpr(augment_clips)(params, clips))
   assert ("platform_index" in jaxpr) == bool(chunk_clips)
   batched = np.asarray(jax.jit(augment_clips)(params, clips))
@@ -406,3 +406,49 @@ def test_bfloat16_planes_stay_within_a_few_uint8_levels_of_float32():
                     ).lower(params, clips).as_text()
   assert "xbf16>" in lowered and "xbf16>" not in jax.jit(
       lambda p, c: augment.augment_clips(p, c, jnp.float32)).lower(params, clips).as_text()
+
+
+@pytest.mark.parametrize("blur", [True, False])
+def test_blur_rows_as_one_matmul_equal_the_taps(blur):
+  # augment.blur_rows='matmul' folds the reflect borders into an (S, S) filter: the same
+  # blur as the taps over the padded planes, and still exactly x when the blur is off.
+  config = get_config("demo").augment
+  clips = jnp.asarray(np.random.default_rng(3).integers(0, 256, (6, 4, 40, 48, 3)), jnp.uint8)
+  params = jax.vmap(lambda key: augment.sample_augment_params(key, config, (40, 48), 32))(
+      jax.random.split(jax.random.key(3), 6))
+  params = with_fields(params, blur=jnp.full(6, blur))
+  taps = augment.augment_clips(params, clips, jnp.float32, "float32", "taps")
+  matmul = augment.augment_clips(params, clips, jnp.float32, "float32", "matmul")
+  np.testing.assert_allclose(np.asarray(matmul), np.asarray(taps), atol=2e-5)
+  texts = {rows: jax.jit(lambda p, c, rows=rows: augment.augment_clips(
+      p, c, jnp.float32, "float32", rows)).lower(params, clips).as_text()
+           for rows in ("taps", "matmul")}
+  # No reflect-padded copy of the planes (numpy's 'reflect' pad: reversed slices joined).
+  for op in ("stablehlo.reverse", "stablehlo.concatenate"):
+    assert texts["matmul"].count(op) < texts["taps"].count(op), op
+  with pytest.raises(ValueError, match="blur_rows"):
+    augment.augment_clips(params, clips, jnp.float32, "float32", "dense")
+
+
+def test_auto_planes_are_bfloat16_on_cuda_only():
+  config = get_config("demo").augment
+  assert config.plane_dtype == "auto"
+  clips = jnp.zeros((2, 4, 40, 48, 3), jnp.uint8)
+  params = jax.vmap(lambda key: augment.sample_augment_params(key, config, (40, 48), 32))(
+      jax.random.split(jax.random.key(0), 2))
+  texts = {
+      (plane, platform): jax.jit(
+          lambda p, c, plane=plane: augment.augment_clips(p, c, jnp.float32, plane)).trace(
+              params, clips).lower(lowering_platforms=(platform,)).as_text()
+      for plane in ("auto", "float32") for platform in ("cpu", "cuda", "tpu")}
+  # bfloat16 ops, not counting constants (those of every branch are hoisted, unused).
+  bf16_ops = {key: sum("xbf16>" in line and "stablehlo.constant" not in line
+                       for line in text.splitlines()) for key, text in texts.items()}
+  assert bf16_ops["auto", "cuda"] > 10
+  for key in [("auto", "cpu"), ("auto", "tpu"), ("float32", "cuda")]:
+    assert bf16_ops[key] == 0, key
+  with pytest.raises(ValueError, match="plane_dtype"):
+    augment.augment_clips(params, clips, jnp.float32, jnp.float16)
+  config.plane_dtype = "float16"
+  with pytest.raises(ValueError, match="plane_dtype"):
+    augment.validate_augment_config(config)

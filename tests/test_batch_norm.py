@@ -218,3 +218,29 @@ def test_module_statistics_one_reduction_trains_like_separate():
       results.append((value, grads, module.mean[...], module.var[...]))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _variadic_reductions(gradient, statistics, platform):
+  """Two-result reductions in one training step of a BatchNorm lowered for `platform`."""
+  module = layers.batch_norm(8, gradient=gradient, statistics=statistics, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(module)
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(4, 5, 8)), jnp.float32)
+
+  def step(x, state):
+    module = nnx.merge(graphdef, state)
+    return nnx.grad(lambda m: jnp.sum(m(x, use_running_average=False) ** 2))(module)
+
+  text = jax.jit(step).trace(x, state).lower(lowering_platforms=(platform,)).as_text()
+  return text.count(":2 = stablehlo.reduce(")
+
+
+@pytest.mark.parametrize("gradient", ["auto", "closed_form"])
+def test_auto_statistics_take_one_reduction_on_cuda_only(gradient):
+  # Lowered for each platform from this CPU: 'auto' is one_reduction on CUDA (measured
+  # faster there), separate on CPU and TPU; explicit choices hold on every platform.
+  assert _variadic_reductions(gradient, "auto", "cuda") >= 1
+  assert _variadic_reductions(gradient, "auto", "cpu") == 0
+  assert _variadic_reductions(gradient, "auto", "tpu") == 0
+  assert _variadic_reductions(gradient, "separate", "cuda") == 0
+  assert _variadic_reductions(gradient, "one_reduction", "cpu") >= 1
+  assert _variadic_reductions(gradient, "one_reduction", "tpu") >= 1

@@ -173,8 +173,10 @@ def test_peak_flops_table():
   assert jax_step.peak_flops("TPU v5 lite", "bfloat16") is None
 
 
-def test_augment_variants_times_both_plane_dtypes(capsys):
+def test_augment_variants_times_both_plane_dtypes_and_blur_forms(capsys):
   assert augment_variants.main(["--preset=demo", "--batch_size=1", "--steps=1"]) == 0
   out = capsys.readouterr().out
-  assert "float32  planes" in out and "bfloat16 planes" in out
+  for planes in ("float32  planes", "bfloat16 planes"):
+    for rows in ("taps  ", "matmul"):
+      assert f"{planes}, blur rows as {rows} on" in out
   assert "4 clips of 4 x 64^2 -> 56^2" in out and "max" in out

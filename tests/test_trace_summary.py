@@ -200,6 +200,42 @@ def test_summary_reports_achieved_rates(tmp_path):
   assert "TFLOP/s" in text and "GB/s" in text
 
 
+# Two cuBLAS calls (program order: forward, then backward) whose kernels run inside a
+# command buffer, where the profiler names the buffer, not the call.
+CUBLAS_HLO_TEXT = HLO_TEXT.replace("  %copy.7 = f32[8]{0} copy(%input_reduce_fusion.3)\n", """\
+  %cublas-gemm.8 = (bf16[128,16]{1,0}, s8[1024]{0}) custom-call(%gemm_fusion.5, %k), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}, metadata={op_name="jit(train_step)/jvp()/dot_general"}
+  %cublas-gemm.9 = (bf16[128,8]{1,0}, s8[1024]{0}) custom-call(%gemm_fusion.5, %k), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}, metadata={op_name="jit(train_step)/transpose(jvp())/dot_general"}
+  %copy.7 = f32[8]{0} copy(%input_reduce_fusion.3)
+""")
+
+
+@pytest.mark.parametrize("extra_kernels, matched", [(0, True), (1, False)])
+def test_cublas_kernels_in_command_buffers_are_matched_in_program_order(
+    tmp_path, extra_kernels, matched):
+  events = [event for event in EVENTS if not event[1].startswith("nvjet")] + [
+      ("command_buffer_4", "nvjet_sm90_tst_128x128_64x6_NNT", 90.0, "forward", "matmul"),
+      ("command_buffer_4", "nvjet_sm90_tst_64x64_64x13_TNT", 40.0, "backward", "matmul")]
+  trace_path, hlo_path = str(tmp_path / "trace.json.gz"), str(tmp_path / "hlo.txt")
+  _write_trace(trace_path, events + [
+      ("command_buffer_4", "nvjet_sm90_extra", 10.0, "no metadata", "matmul")] * extra_kernels,
+      num_steps=2)
+  with open(hlo_path, "w") as f:
+    f.write(CUBLAS_HLO_TEXT)
+  summary = trace_summary.summarize(trace_path, hlo_path, num_steps=2, top=100)
+  rows = {row["op"]: row for row in summary["top_ops"]}
+  if matched:
+    assert rows["cublas-gemm.8"]["ms_per_step"] == pytest.approx(0.09)
+    assert rows["cublas-gemm.8"]["phase"] == "forward"
+    # (128, 16) x (16, 16): 2 x output elements x contracted size.
+    assert rows["cublas-gemm.8"]["tflop_per_step"] == pytest.approx(2 * 128 * 16 * 16 / 1e12)
+    assert rows["cublas-gemm.9"]["ms_per_step"] == pytest.approx(0.04)
+    assert rows["cublas-gemm.9"]["phase"] == "backward"
+    assert "[library kernel] matmul" not in rows
+  else:  # one kernel too many per step: no guess, all stay unmatched library matmuls
+    assert "cublas-gemm.8" not in rows
+    assert rows["[library kernel] matmul"]["ms_per_step"] == pytest.approx(0.14)
+
+
 @pytest.mark.parametrize("kernel, category", [
     # Names seen in the H200 traces of the JAX and PyTorch steps.
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
