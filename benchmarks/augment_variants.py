@@ -6,7 +6,7 @@ as taps or as one matmul (issue #6).
 `augment.augment_clips` on the step's clips (batch_size x montage.num_clips clips of
 T / s frames at data.input_size, to montage.output_size, bfloat16 output as the bf16
 step), with the planes between passes in float32 (what the step uses) and in bfloat16
-(`compute_dtype`; each pass still computes in float32), each with the blur along H as
+(`plane_dtype`; each pass still computes in float32), each with the blur along H as
 11 taps over reflect-padded planes or as one (S, S) matmul (`blur_rows`). On the H200
 bfloat16 planes took the augmentation from 2.61 to 1.61 ms (now the CUDA default); the
 padded copies were 0.37 ms of the float32 montage (docs/performance.md). Jitted, median of
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   for name in ("float32", "bfloat16"):
     for rows in augment.BLUR_ROWS:
       fn = jax.jit(lambda p, c, name=name, rows=rows: augment.augment_clips(
-          p, c, jnp.bfloat16, compute_dtype=name, blur_rows=rows))
+          p, c, jnp.bfloat16, plane_dtype=name, blur_rows=rows))
       outputs[name, rows] = fn(params, clips)
       seconds, _ = jax_step.median_time(lambda fn=fn: fn(params, clips).block_until_ready(),
                                         steps=args.steps, warmup=3)

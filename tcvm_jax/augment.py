@@ -226,15 +226,15 @@ def resize_matrices(crop_box: jax.Array, in_hw: Sequence[int], out_size: int,
 
 def _crop_resize_planes(clip: jax.Array, crop_box: jax.Array, flip: jax.Array | bool,
                         out_size: int, precision: jax.lax.Precision,
-                        compute_dtype: Any = jnp.float32) -> jax.Array:
-  """(L, H, W, 3) uint8 -> (3, L, S, S) `compute_dtype` in [0, 1]: one plane per channel."""
+                        plane_dtype: Any = jnp.float32) -> jax.Array:
+  """(L, H, W, 3) uint8 -> (3, L, S, S) `plane_dtype` in [0, 1]: one plane per channel."""
   rows, cols = resize_matrices(crop_box, clip.shape[1:3], out_size, flip)
   # Contract W first, on (H, L, 3, W): both matmuls then see their contracted axis last /
   # first without a float transpose in between (the one transpose is on uint8 input).
-  frames = jnp.transpose(clip, (1, 0, 3, 2)).astype(compute_dtype)  # (H, L, 3, W)
-  frames = jnp.einsum("hlcw,tw->hlct", frames, (cols * (1.0 / 255.0)).astype(compute_dtype),
+  frames = jnp.transpose(clip, (1, 0, 3, 2)).astype(plane_dtype)  # (H, L, 3, W)
+  frames = jnp.einsum("hlcw,tw->hlct", frames, (cols * (1.0 / 255.0)).astype(plane_dtype),
                       precision=precision)
-  return jnp.einsum("sh,hlct->clst", rows.astype(compute_dtype), frames,
+  return jnp.einsum("sh,hlct->clst", rows.astype(plane_dtype), frames,
                     precision=precision)  # (3, L, S, S)
 
 
@@ -582,10 +582,10 @@ def center_crop_params(in_hw: Sequence[int], out_size: int,
 
 
 def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float32,
-                  compute_dtype: Any = jnp.float32, blur_rows: str = "taps") -> jax.Array:
+                  plane_dtype: Any = jnp.float32, blur_rows: str = "taps") -> jax.Array:
   """(L, H, W, 3) uint8 -> (L, S, S, 3) normalised `dtype`, one parameter set for all frames.
 
-  `compute_dtype`: the planes' dtype from the resampling to the normalisation. float32
+  `plane_dtype`: the planes' dtype from the resampling to the normalisation. float32
   (the default; the step's on CPU); bfloat16 halves the bytes every pass moves, which is
   what the GPU's montage time is made of (docs/performance.md), for ~3 significant digits
   (8-bit input has ~2.4): the step's on CUDA (`augment.plane_dtype='auto'`).
@@ -599,7 +599,7 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
   height, width = clip.shape[1:3]
   out_size = params.out_size
   planes = _crop_resize_planes(clip, params.crop_box, params.flip, out_size,
-                               matmul_precision(dtype), resolve_dtype(compute_dtype))
+                               matmul_precision(dtype), resolve_dtype(plane_dtype))
   rgb = (planes[0], planes[1], planes[2])
   jittered = _jitter_planes(rgb, params.brightness, params.contrast, params.saturation,
                             params.hue, params.jitter_order)
@@ -619,11 +619,11 @@ CPU_AUGMENT_CHUNK_PIXELS = 262_144
 
 
 def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.float32,
-                  compute_dtype: Any = jnp.float32, blur_rows: str = "taps") -> jax.Array:
+                  plane_dtype: Any = jnp.float32, blur_rows: str = "taps") -> jax.Array:
   """A batch of clips at once: (K, L, H, W, 3) uint8, params with leaves (K, ...) ->
   (K, L, S, S, 3) `dtype`.
 
-  `compute_dtype`: the planes' dtype (`apply_augment`), or 'auto' (`augment.plane_dtype`):
+  `plane_dtype`: the planes' dtype (`apply_augment`), or 'auto' (`augment.plane_dtype`):
   bfloat16 on CUDA, where it cut the augmentation of the paper's batch from 2.61 to
   1.61 ms on an H200 (benchmarks/augment_variants.py), float32 elsewhere (slower in
   bfloat16 on the CPU; not measured on TPU).
@@ -639,12 +639,12 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
   if clips.ndim != 5 or clips.shape[-1] != 3:
     raise ValueError(f"Expected clips (K, L, H, W, 3), got shape {clips.shape}.")
 
-  auto = isinstance(compute_dtype, str) and compute_dtype == "auto"
-  if not auto and jnp.dtype(compute_dtype).name not in PLANE_DTYPES:
-    raise ValueError(f"augment.plane_dtype {jnp.dtype(compute_dtype).name!r}; choose from "
+  auto = isinstance(plane_dtype, str) and plane_dtype == "auto"
+  if not auto and jnp.dtype(plane_dtype).name not in PLANE_DTYPES:
+    raise ValueError(f"augment.plane_dtype {jnp.dtype(plane_dtype).name!r}; choose from "
                      f"{PLANE_DTYPES}.")
 
-  def batched(params, clips, planes=jnp.float32 if auto else compute_dtype):
+  def batched(params, clips, planes=jnp.float32 if auto else plane_dtype):
     return jax.vmap(lambda p, c: apply_augment(p, c, dtype, planes, blur_rows))(params,
                                                                                clips)
 

@@ -386,7 +386,7 @@ def test_bad_inputs_are_rejected():
 
 
 def test_bfloat16_planes_stay_within_a_few_uint8_levels_of_float32():
-  # compute_dtype=bfloat16 (what benchmarks/augment_variants.py times for the GPU): the
+  # plane_dtype=bfloat16 (what benchmarks/augment_variants.py times for the GPU): the
   # planes are stored in bfloat16 between passes, each pass computes in float32.
   config = get_config("demo").augment
   clips = jnp.asarray(np.random.default_rng(0).integers(0, 256, (12, 4, 40, 48, 3)),
@@ -394,13 +394,13 @@ def test_bfloat16_planes_stay_within_a_few_uint8_levels_of_float32():
   params = jax.vmap(lambda key: augment.sample_augment_params(key, config, (40, 48), 32))(
       jax.random.split(jax.random.key(0), 12))
   reference = augment.augment_clips(params, clips, jnp.float32)
-  halved = augment.augment_clips(params, clips, jnp.float32, compute_dtype=jnp.bfloat16)
+  halved = augment.augment_clips(params, clips, jnp.float32, plane_dtype=jnp.bfloat16)
   assert halved.dtype == jnp.float32
   error = np.abs(np.asarray(halved) - np.asarray(reference))
   level = 1.0 / 255.0 / min(augment.IMAGENET_STD)  # one uint8 step, normalised
   assert error.mean() < level and error.max() < 8 * level
   np.testing.assert_array_equal(  # float32, the default, is the same program as before
-      np.asarray(augment.augment_clips(params, clips, jnp.float32, compute_dtype="float32")),
+      np.asarray(augment.augment_clips(params, clips, jnp.float32, plane_dtype="float32")),
       np.asarray(reference))
   lowered = jax.jit(lambda p, c: augment.augment_clips(p, c, jnp.float32, jnp.bfloat16)
                     ).lower(params, clips).as_text()
