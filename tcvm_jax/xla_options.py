@@ -4,10 +4,13 @@ On CUDA, JAX 0.11.2's XLA aborts the process while compiling the TSM50 training 
 with its Triton GEMM fusions on: "triton_tiling_propagation.cc:703 Check failed:
 subdim_size_accumulator == dim_size (196 vs. 28)" (H200, 2026-11-26; the same with either
 model.bn_statistics). With `xla_gpu_enable_triton_gemm=False` (cuBLAS for its matmuls) the
-same step compiled and ran, 42.7 ms per step at B = 32, bf16. R3D50 compiles with Triton
-GEMMs and keeps them (its matmul fusions are part of its measured speed). Every program that
-holds a TSM backbone gets the option on CUDA: the pretraining and fine-tuning steps, the
-retrieval/evaluation forward passes and the model summary's FLOP count.
+same step compiled and ran (42.7 ms per step at B = 32, bf16, while three other compiles
+shared the GPU). R3D50 compiles with Triton GEMMs and keeps them (its matmul fusions are
+part of its measured speed). Every program that holds a TSM backbone gets the option on
+CUDA: the pretraining and fine-tuning steps, the retrieval/evaluation forward passes and
+the model summary's FLOP count. The likely trigger, not checked on a GPU: since 1x1
+convolutions became reshape + 2D matmul (for the CPU), the temporal shift's concatenation
+can feed a Triton GEMM fusion; TSM50 compiled with Triton GEMMs before that change.
 """
 
 from __future__ import annotations
