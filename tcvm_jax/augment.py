@@ -58,6 +58,7 @@ OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 # The planes' dtype between the augmentation's passes (`augment.plane_dtype`); 'auto' picks
 # per platform (`augment_clips`).
 PLANE_DTYPES = ("float32", "bfloat16")
+PLANE_DTYPE_CHOICES = ("auto",) + PLANE_DTYPES
 # How the blur filters along H (`augment.blur_rows`, `_blur_planes`).
 BLUR_ROWS = ("taps", "matmul")
 _HIGHEST = jax.lax.Precision.HIGHEST  # exact uint8 values through the one-hot matrices.
@@ -121,9 +122,9 @@ def validate_augment_config(aug_config: Any) -> None:
   if blur_rows not in BLUR_ROWS:
     raise ValueError(f"augment.blur_rows={blur_rows!r}; choose from {BLUR_ROWS}.")
   plane_dtype = getattr(aug_config, "plane_dtype", "auto")
-  if plane_dtype not in ("auto",) + PLANE_DTYPES:
+  if plane_dtype not in PLANE_DTYPE_CHOICES:
     raise ValueError(f"augment.plane_dtype={plane_dtype!r}; choose from "
-                     f"{('auto',) + PLANE_DTYPES}.")
+                     f"{PLANE_DTYPE_CHOICES}.")
 
 
 def _check_sizes(in_hw: Sequence[int], out_size: int) -> None:
@@ -652,18 +653,16 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
   chunk = cpu_chunks.chunk_size(num_clips, clip_len * height * width,
                                 CPU_AUGMENT_CHUNK_PIXELS)
 
-  if chunk >= num_clips and not auto:
-    return batched(params, clips)  # one program on every platform
-
   def in_chunks(params, clips):
-    if chunk >= num_clips:
-      return batched(params, clips)
     return jnp.concatenate([
         batched(jax.tree.map(lambda leaf: leaf[start:start + chunk], params),
                 clips[start:start + chunk])
         for start in range(0, num_clips, chunk)])
 
-  branches = {"cpu": in_chunks, "default": batched}
+  on_cpu = batched if chunk >= num_clips else in_chunks
+  if on_cpu is batched and not auto:
+    return batched(params, clips)  # one program on every platform
+  branches = {"cpu": on_cpu, "default": batched}
   if auto:
     branches["cuda"] = functools.partial(batched, planes=jnp.bfloat16)
   return jax.lax.platform_dependent(params, clips, **branches)

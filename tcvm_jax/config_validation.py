@@ -196,7 +196,7 @@ def _validate_montage_and_augment(config) -> None:
   if "blur_rows" in config.augment:
     check_choice(config, "augment.blur_rows", augment.BLUR_ROWS)
   if "plane_dtype" in config.augment:
-    check_choice(config, "augment.plane_dtype", ("auto",) + augment.PLANE_DTYPES)
+    check_choice(config, "augment.plane_dtype", augment.PLANE_DTYPE_CHOICES)
 
 
 def _validate_model(config) -> None:

@@ -539,15 +539,16 @@ class BatchNorm(nnx.BatchNorm):
     def autodiff_of_forward(one_reduction):
       return lambda *a: _batch_norm_train_forward(*a, *static, one_reduction)[:3]
 
-    # 'auto' statistics: one reduction on CUDA only (R3D50 step 2.4 % faster on an H200).
-    explicit, on_cuda = self.statistics == "one_reduction", self.statistics != "separate"
-    if self.gradient == "closed_form":
-      branches = {"cpu": closed_form(explicit), "cuda": closed_form(on_cuda),
-                  "default": closed_form(explicit)}
-    else:  # 'auto': closed form on CPU, autodiff of the plain ops elsewhere
-      branches = {"cpu": closed_form(explicit), "cuda": autodiff_of_forward(on_cuda),
-                  "default": autodiff_of_forward(explicit)}
-    y, mean, var = jax.lax.platform_dependent(x, scale, bias, **branches)
+    # gradient 'auto': closed form on CPU, autodiff of the plain ops elsewhere.
+    form = closed_form if self.gradient == "closed_form" else autodiff_of_forward
+    explicit = self.statistics == "one_reduction"
+    if form is closed_form and self.statistics != "auto":
+      y, mean, var = closed_form(explicit)(x, scale, bias)  # the same on every platform
+    else:
+      branches = {"cpu": closed_form(explicit), "default": form(explicit)}
+      if self.statistics == "auto":  # one reduction on CUDA only (R3D50 step 2.4 % faster)
+        branches["cuda"] = form(True)
+      y, mean, var = jax.lax.platform_dependent(x, scale, bias, **branches)
     momentum = self.momentum
     self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
     self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)

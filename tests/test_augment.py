@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from configs.pretrain import get_config
 from tcvm_jax import augment
+from train_test_utils import bfloat16_ops
 
 MEAN = augment.IMAGENET_MEAN
 STD = augment.IMAGENET_STD
@@ -441,9 +442,7 @@ def test_auto_planes_are_bfloat16_on_cuda_only():
           lambda p, c, plane=plane: augment.augment_clips(p, c, jnp.float32, plane)).trace(
               params, clips).lower(lowering_platforms=(platform,)).as_text()
       for plane in ("auto", "float32") for platform in ("cpu", "cuda", "tpu")}
-  # bfloat16 ops, not counting constants (those of every branch are hoisted, unused).
-  bf16_ops = {key: sum("xbf16>" in line and "stablehlo.constant" not in line
-                       for line in text.splitlines()) for key, text in texts.items()}
+  bf16_ops = {key: bfloat16_ops(text) for key, text in texts.items()}
   assert bf16_ops["auto", "cuda"] > 10
   for key in [("auto", "cpu"), ("auto", "tpu"), ("float32", "cuda")]:
     assert bf16_ops[key] == 0, key

@@ -171,3 +171,16 @@ def assert_states_close(actual: dict, expected: dict,
                                  atol=rel[path[0]] * scales[path[0]], err_msg=name)
     else:
       np.testing.assert_array_equal(actual[path], value, err_msg=name)
+
+
+def variadic_reductions(stablehlo_text: str) -> int:
+  """Two-result reductions in lowered StableHLO (BatchNorm's pairs of sums as one)."""
+  return stablehlo_text.count(":2 = stablehlo.reduce(")
+
+
+def bfloat16_ops(stablehlo_text: str) -> int:
+  """Lines of lowered StableHLO with a bfloat16 value, constants left out: a
+  `platform_dependent`'s constants of every branch are hoisted into each platform's
+  lowering, unused."""
+  return sum("xbf16>" in line and "stablehlo.constant" not in line
+             for line in stablehlo_text.splitlines())
