@@ -1,4 +1,5 @@
-r"""Times the stem convolution (7x7, stride 2, 3 -> 64 channels) three ways (issue #6).
+r"""Times the stem convolution (7x7, stride 2, 3 -> 64 channels) three ways and the whole
+stem (conv, BatchNorm, ReLU, max-pool) in both layouts (issue #6).
 
   python benchmarks/stem_variants.py [--frames=1024] [--size=112] [--dtype=bfloat16]
 
@@ -7,7 +8,10 @@ r"""Times the stem convolution (7x7, stride 2, 3 -> 64 channels) three ways (iss
 CUDA); 'space_to_depth_matmul': those as one (pixels, 192) x (192, 64) matmul
 (`layers._conv2d_space_to_depth_matmul`). Each is timed forward and forward + weight
 gradient (the stem's input needs no gradient), jitted, median of 20. They must agree
-(max relative difference to 'plain' printed).
+(max relative difference to 'plain' printed). Then the whole stem as the model trains it
+(`VideoResNet._stem`, BatchNorm in training mode) with `model.stem_layout` 'pixels' and
+'blocks' (tcvm_jax/stem.py): forward, and forward + the gradient of the stem's
+parameters; the pooled outputs must agree too.
 """
 
 from __future__ import annotations
@@ -25,7 +29,37 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from benchmarks import jax_step  # pylint: disable=g-import-not-at-top
-from tcvm_jax import layers  # pylint: disable=g-import-not-at-top
+from flax import nnx  # pylint: disable=g-import-not-at-top
+from tcvm_jax import backbones, layers  # pylint: disable=g-import-not-at-top
+
+
+def time_whole_stem(videos: jax.Array, features: int, steps: int) -> dict[str, jax.Array]:
+  """Times `VideoResNet._stem` in each layout; returns each layout's pooled output."""
+  outputs = {}
+  for layout in ("pixels", "blocks"):
+    model = backbones.ResNet3D(stage_sizes=(1,), stage_temporal_kernels=(1,), width=features,
+                               dtype=videos.dtype, stem_layout=layout, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def run(params, rest, videos, graphdef=graphdef):
+      # copy=True: fresh Variables at this trace level, whose BatchNorm updates may land.
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      return model._stem(videos)  # pylint: disable=protected-access
+
+    def loss(params, rest, videos, graphdef=graphdef):
+      return jnp.mean(run(params, rest, videos, graphdef).astype(jnp.float32) ** 2)
+
+    forward = jax.jit(run)
+    gradient = jax.jit(jax.value_and_grad(loss))
+    outputs[layout] = forward(params, rest, videos)
+    fwd_s, _ = jax_step.median_time(
+        lambda: forward(params, rest, videos).block_until_ready(), steps=steps, warmup=3)
+    both_s, _ = jax_step.median_time(
+        lambda: jax.block_until_ready(gradient(params, rest, videos)), steps=steps, warmup=3)
+    print(f"whole stem {layout:<8} {jax.devices()[0].device_kind}: forward "
+          f"{fwd_s * 1e3:7.3f} ms, forward + parameter gradient {both_s * 1e3:7.3f} ms "
+          f"({videos.shape[1]} frames of {videos.shape[2]}^2, {videos.dtype})", flush=True)
+  return outputs
 
 
 def main(argv=None) -> int:
@@ -69,6 +103,11 @@ def main(argv=None) -> int:
     relative = float(jnp.abs(plain - outputs[name].astype(jnp.float32)).max()
                      / jnp.abs(plain).max())
     print(f"max |plain - {name}| / max |plain| = {relative:.2e}")
+  pooled = time_whole_stem(x[None], args.features, args.steps)
+  pixels = pooled["pixels"].astype(jnp.float32)
+  relative = float(jnp.abs(pixels - pooled["blocks"].astype(jnp.float32)).max()
+                   / jnp.abs(pixels).max())
+  print(f"whole stem: max |pixels - blocks| / max |pixels| = {relative:.2e}")
   return 0
 
 

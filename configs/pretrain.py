@@ -89,6 +89,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # reduction, one read of x; ~10x slower on CPU), 'auto' = one reduction on CUDA (R3D50
   # step 2.4 % faster on an H200), separate elsewhere.
   model.bn_statistics = "auto"
+  # The stem's conv and max-pool: 'pixels' (strided ops), 'blocks' (dense ops over 4x4
+  # blocks of pixels, tcvm_jax/stem.py), 'auto' = pixels until measured on a GPU.
+  model.stem_layout = "auto"
   model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
   model.tc_second_order = False     # D^2 in Table 3c.
   model.tc_hidden_dim = -1          # per-frame FC width before f; -1 means C.

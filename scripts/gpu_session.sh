@@ -4,10 +4,11 @@
 #   bash scripts/gpu_session.sh          # on the GPU machine, from the repo root
 #
 #   1. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
-#               alternating rounds): the defaults against the CUDA defaults of 2026-11-26
-#               each undone (BatchNorm's sums separate, float32 augmentation planes; their
-#               in-step A/B was cut short), BatchNorm's closed-form gradient and the blur
-#               along H as one matmul. Each variant compiles in 23-39 s on an H200
+#               alternating rounds): the defaults against float32 augmentation planes
+#               (the CUDA default of 2026-11-26 undone; its in-step A/B was cut short),
+#               BatchNorm's closed-form gradient, the blur along H as one matmul and the
+#               stem in the 4x4-block layout (model.stem_layout=blocks, tcvm_jax/stem.py).
+#               Each variant compiles in 23-39 s on an H200
 #                                                  -> $OUT/options_ab.{json,log}
 #   2. winners  benchmarks/ab_winners.py: the variants that beat the default by >= 2 %
 #               (chained steps), as XLA flags and config overrides -> $OUT/winners.txt
@@ -19,8 +20,8 @@
 #                                                  -> $OUT/profile/
 # First, the augmentation alone (benchmarks/augment_variants.py: planes x blur forms)
 #                                                  -> $OUT/augment.log
-# The stem variants (benchmarks/stem_variants.py) ran in the first such session
-# (benchmarks/results/2026-11-26_h200_c/) and are left out.
+# and the stem alone (benchmarks/stem_variants.py: its conv three ways, then the whole
+# stem in the pixel and the block layout)         -> $OUT/stem.log
 # More than 8 files come back from $OUT only inside an archive: call it as
 #   O=$OUT; OUT=/tmp/s bash scripts/gpu_session.sh; tar czf $O/all.tgz -C /tmp/s .
 # The winners are not made defaults here: that is a code change for the session that
@@ -51,13 +52,16 @@ quiet() { grep --line-buffered -v -E '^[IW][0-9]{4} |^WARNING: All log|oneDNN'; 
 say "=== augment"
 timeout -k 5 90 "$PYTHON" benchmarks/augment_variants.py 2>&1 | quiet | tee "$OUT/augment.log"
 
+say "=== stem"
+timeout -k 5 75 "$PYTHON" benchmarks/stem_variants.py 2>&1 | quiet | tee "$OUT/stem.log"
+
 say "=== levers (A/B, $ROUNDS rounds)"
 timeout -k 5 $(( $(left) - 200 )) "$PYTHON" benchmarks/options_ab.py \
     --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
-    --variant=bn_separate=--config.model.bn_statistics=separate \
     --variant=planes_float32=--config.augment.plane_dtype=float32 \
     --variant=bn_closed_form=--config.model.bn_gradient=closed_form \
     --variant=blur_rows_matmul=--config.augment.blur_rows=matmul \
+    --variant=stem_blocks=--config.model.stem_layout=blocks \
     --rounds="$ROUNDS" --nocontrol --json="$OUT/options_ab.json" 2>&1 | quiet \
     | tee "$OUT/options_ab.log"
 say "levers finished with exit code ${PIPESTATUS[0]}"

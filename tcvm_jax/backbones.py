@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tcvm_jax import layers
+from tcvm_jax import layers, stem
 
 Dtype = Any
 
@@ -114,6 +114,7 @@ class VideoResNet(nnx.Module):
       bn_momentum: float = 0.9,
       bn_gradient: str = "auto",
       bn_statistics: str = "auto",
+      stem_layout: str = "auto",
       rngs: nnx.Rngs,
   ):
     if len(stage_sizes) != len(stage_temporal_kernels):
@@ -122,7 +123,11 @@ class VideoResNet(nnx.Module):
     if width < 1 or any(n < 1 for n in stage_sizes):
       raise ValueError(f"width ({width}) and every stage size ({tuple(stage_sizes)}) must "
                        f"be >= 1.")
+    if stem_layout not in stem.STEM_LAYOUTS:
+      raise ValueError(f"Stem layout {stem_layout!r} (model.stem_layout); choose from "
+                       f"{stem.STEM_LAYOUTS}.")
     dtype = jnp.dtype(dtype) if dtype is not None else None
+    self.stem_layout = stem_layout
     self.stem_conv = layers.VideoConv(3, width, (1, 7, 7), stride=2, dtype=dtype, rngs=rngs)
     self.stem_bn = layers.batch_norm(width, axis_name=bn_axis_name, momentum=bn_momentum,
                                      dtype=dtype, gradient=bn_gradient, statistics=bn_statistics,
@@ -152,12 +157,27 @@ class VideoResNet(nnx.Module):
       raise ValueError(f"Backbone expects videos of shape (B, T, H, W, 3); got {videos.shape}.")
     if self.dtype is not None:
       videos = videos.astype(self.dtype)
-    x = nnx.relu(self.stem_bn(self.stem_conv(videos)))
-    x = layers.max_pool_spatial(x)
+    x = self._stem(videos)
     for blocks in self.stages:
       for block in blocks:
         x = block(x)
     return x
+
+
+  def _stem(self, videos: jax.Array) -> jax.Array:
+    """Conv 7x7 / 2 -> BN -> ReLU -> max-pool 3x3 / 2, in the pixel layout or the 4x4-block
+    one (`stem.py`, `model.stem_layout`; 'auto' is 'pixels' until measured on a GPU):
+    the same values and parameters either way. Frame sides that are not multiples of 4
+    take the pixel layout."""
+    if self.stem_layout == "blocks" and stem.supports_blocks(*videos.shape[2:4],
+                                                              self.stem_conv.kernel_size[1:]):
+      y = self.stem_conv.blocks(videos)  # (B, T, H/4, W/4, 2, 2, C)
+      y = nnx.relu(self.stem_bn(y))
+      batch, frames = y.shape[:2]
+      pooled = stem.max_pool_blocks(y.reshape(batch * frames, *y.shape[2:]))
+      return pooled.reshape(batch, frames, *pooled.shape[1:])
+    x = nnx.relu(self.stem_bn(self.stem_conv(videos)))
+    return layers.max_pool_spatial(x)
 
 
 class ResNet3D(VideoResNet):
@@ -212,6 +232,7 @@ def get_backbone(
     bn_momentum: float = 0.9,
     bn_gradient: str = "auto",
     bn_statistics: str = "auto",
+    stem_layout: str = "auto",
     rngs: nnx.Rngs,
     **kwargs,
 ) -> VideoResNet:
@@ -220,5 +241,5 @@ def get_backbone(
     raise ValueError(f"Unknown backbone {name!r} (config.model.backbone); choose from "
                      f"{sorted(BACKBONES)}.")
   return BACKBONES[name](dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=bn_momentum,
-                         bn_gradient=bn_gradient, bn_statistics=bn_statistics, rngs=rngs,
-                         **kwargs)
+                         bn_gradient=bn_gradient, bn_statistics=bn_statistics,
+                         stem_layout=stem_layout, rngs=rngs, **kwargs)

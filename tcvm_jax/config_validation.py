@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from tcvm_jax import augment, backbones, layers, losses, montage, optim
+from tcvm_jax import augment, backbones, layers, losses, montage, optim, stem
 
 # 'random': uint8 noise videos made on the fly (tests, benchmarks; no files needed).
 DATA_NAMES = ("tfrecord", "synthetic", "random")
@@ -208,6 +208,8 @@ def _validate_model(config) -> None:
   check_number(config, "model.bn_momentum", 0.0, 1.0, high_open=True)
   check_choice(config, "model.bn_gradient", layers.BATCH_NORM_GRADIENTS)
   check_choice(config, "model.bn_statistics", layers.BATCH_NORM_STATISTICS)
+  if "stem_layout" in config.model:
+    check_choice(config, "model.stem_layout", stem.STEM_LAYOUTS)
   check_number(config, "model.tc_k", 0.0, 1.0)
   check_bool(config, "model.tc_second_order")
   check_int(config, "model.tc_hidden_dim", 1, allowed=(-1,))

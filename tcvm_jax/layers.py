@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tcvm_jax import cpu_chunks
+from tcvm_jax import cpu_chunks, stem
 
 Dtype = Any
 
@@ -367,6 +367,20 @@ class VideoConv(nnx.Module):
     y = jax.lax.platform_dependent(pixels, kernel[:, 0, 0], cpu=_temporal_conv_as_matmuls,
                                    default=_temporal_conv_2d)
     return y.reshape(batch, frames, height, width, -1)
+
+  def blocks(self, x: jax.Array) -> jax.Array:
+    """The stem's (1, k, k) stride-2 conv with its output in the 4x4-block layout of
+    `stem.py`: (B, T, H, W, Cin) -> (B, T, H/4, W/4, 2, 2, Cout)."""
+    if self.kernel_size[0] != 1 or self.stride != 2 or x.ndim != 5:
+      raise ValueError(f"VideoConv.blocks computes (1, k, k) stride-2 convs of (B, T, H, W, "
+                       f"C) videos; got kernel {self.kernel_size}, stride {self.stride}, "
+                       f"input {x.shape}.")
+    kernel = self.kernel[...]
+    dtype = _compute_dtype(self.dtype, x, kernel)
+    batch, frames = x.shape[:2]
+    y = stem.conv_blocks(x.astype(dtype).reshape(batch * frames, *x.shape[2:]),
+                         kernel[0].astype(dtype))
+    return y.reshape(batch, frames, *y.shape[1:])
 
 
 def _temporal_conv_2d(pixels: jax.Array, kernel: jax.Array) -> jax.Array:

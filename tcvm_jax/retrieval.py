@@ -143,11 +143,13 @@ def create_backbone_fn(source: EncoderSource, model_config: ml_collections.Confi
     raise cv.ConfigError(f"config.model.dtype={model_config.dtype!r}: choose one of {DTYPES}.")
   dtype = jnp.dtype(model_config.dtype)
   bn_momentum = model_config.get("bn_momentum", 0.9)
+  stem_layout = model_config.get("stem_layout", "auto")
 
   def create():
     # Rngs made inside, so the constructor can run under jit / eval_shape.
     return backbones.get_backbone(source.backbone, dtype=dtype, bn_axis_name=None,
-                                  bn_momentum=bn_momentum, rngs=nnx.Rngs(seed))
+                                  bn_momentum=bn_momentum, stem_layout=stem_layout,
+                                  rngs=nnx.Rngs(seed))
 
   return create
 
