@@ -92,6 +92,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # The stem's conv and max-pool: 'pixels' (strided ops), 'blocks' (dense ops over 4x4
   # blocks of pixels, tcvm_jax/stem.py), 'auto' = pixels until measured on a GPU.
   model.stem_layout = "auto"
+  # Where the gradient of each residual block's last ReLU finds its mask: 'from_input'
+  # (autodiff; the pre-activation sum is kept for the backward pass), 'from_output' (the
+  # block's output, kept anyway), 'auto' = from_input until measured on a GPU.
+  model.block_relu_gradient = "auto"
   model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
   model.tc_second_order = False     # D^2 in Table 3c.
   model.tc_hidden_dim = -1          # per-frame FC width before f; -1 means C.

@@ -62,6 +62,7 @@ class Bottleneck(nnx.Module):
       bn_momentum: float,
       bn_gradient: str = "auto",
       bn_statistics: str = "auto",
+      block_relu_gradient: str = "auto",
       rngs: nnx.Rngs,
   ):
     out_features = 4 * inner_features
@@ -70,6 +71,7 @@ class Bottleneck(nnx.Module):
                            dtype=dtype, gradient=bn_gradient, statistics=bn_statistics,
                            rngs=rngs)
     self.shift_div = shift_div
+    self.block_relu_gradient = block_relu_gradient
     self.conv_a = conv(in_features, inner_features, (temporal_kernel, 1, 1))
     self.bn_a = bn(inner_features)
     self.conv_b = conv(inner_features, inner_features, (1, 3, 3), stride=stride)
@@ -90,6 +92,9 @@ class Bottleneck(nnx.Module):
     shortcut = x
     if self.shortcut_conv is not None:
       shortcut = self.shortcut_bn(self.shortcut_conv(x))
+    # 'auto' = from_input (autodiff's ReLU) until measured on a GPU; see layers.
+    if self.block_relu_gradient == "from_output":
+      return layers.relu_grad_from_output(residual + shortcut)
     return nnx.relu(residual + shortcut)
 
 
@@ -115,6 +120,7 @@ class VideoResNet(nnx.Module):
       bn_gradient: str = "auto",
       bn_statistics: str = "auto",
       stem_layout: str = "auto",
+      block_relu_gradient: str = "auto",
       rngs: nnx.Rngs,
   ):
     if len(stage_sizes) != len(stage_temporal_kernels):
@@ -126,6 +132,10 @@ class VideoResNet(nnx.Module):
     if stem_layout not in stem.STEM_LAYOUTS:
       raise ValueError(f"Stem layout {stem_layout!r} (model.stem_layout); choose from "
                        f"{stem.STEM_LAYOUTS}.")
+    if block_relu_gradient not in layers.BLOCK_RELU_GRADIENTS:
+      raise ValueError(f"Block ReLU gradient {block_relu_gradient!r} "
+                       f"(model.block_relu_gradient); choose from "
+                       f"{layers.BLOCK_RELU_GRADIENTS}.")
     dtype = jnp.dtype(dtype) if dtype is not None else None
     self.stem_layout = stem_layout
     self.stem_conv = layers.VideoConv(3, width, (1, 7, 7), stride=2, dtype=dtype, rngs=rngs)
@@ -144,7 +154,7 @@ class VideoResNet(nnx.Module):
             stride=2 if stage_index > 0 and block_index == 0 else 1, shift_div=shift_div,
             zero_init_residual=zero_init_residual, dtype=dtype, bn_axis_name=bn_axis_name,
             bn_momentum=bn_momentum, bn_gradient=bn_gradient, bn_statistics=bn_statistics,
-            rngs=rngs))
+            block_relu_gradient=block_relu_gradient, rngs=rngs))
         in_features = 4 * inner_features
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
@@ -233,6 +243,7 @@ def get_backbone(
     bn_gradient: str = "auto",
     bn_statistics: str = "auto",
     stem_layout: str = "auto",
+    block_relu_gradient: str = "auto",
     rngs: nnx.Rngs,
     **kwargs,
 ) -> VideoResNet:
@@ -242,4 +253,5 @@ def get_backbone(
                      f"{sorted(BACKBONES)}.")
   return BACKBONES[name](dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=bn_momentum,
                          bn_gradient=bn_gradient, bn_statistics=bn_statistics,
-                         stem_layout=stem_layout, rngs=rngs, **kwargs)
+                         stem_layout=stem_layout, block_relu_gradient=block_relu_gradient,
+                         rngs=rngs, **kwargs)

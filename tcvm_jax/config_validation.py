@@ -210,6 +210,8 @@ def _validate_model(config) -> None:
   check_choice(config, "model.bn_statistics", layers.BATCH_NORM_STATISTICS)
   if "stem_layout" in config.model:
     check_choice(config, "model.stem_layout", stem.STEM_LAYOUTS)
+  if "block_relu_gradient" in config.model:
+    check_choice(config, "model.block_relu_gradient", layers.BLOCK_RELU_GRADIENTS)
   check_number(config, "model.tc_k", 0.0, 1.0)
   check_bool(config, "model.tc_second_order")
   check_int(config, "model.tc_hidden_dim", 1, allowed=(-1,))

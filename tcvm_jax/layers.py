@@ -595,6 +595,34 @@ def batch_norm(
       axis_name=axis_name, rngs=rngs)
 
 
+BLOCK_RELU_GRADIENTS = ("auto", "from_input", "from_output")
+
+
+@jax.custom_vjp
+def relu_grad_from_output(x: jax.Array) -> jax.Array:
+  """ReLU whose gradient mask is read off its output (y > 0 exactly where x > 0).
+
+  Autodiff's ReLU keeps its input for the backward pass. At a residual block's end that
+  input is the sum residual + shortcut, which XLA then writes out besides the output:
+  two full tensors per block where one would do (the H200 trace's
+  `loop_add_maximum_fusion`s, docs/performance.md). The output is kept anyway, as the
+  next block's input. `model.block_relu_gradient`.
+  """
+  return jnp.maximum(x, 0)
+
+
+def _relu_grad_from_output_fwd(x):
+  y = jnp.maximum(x, 0)
+  return y, y
+
+
+def _relu_grad_from_output_bwd(y, grad):
+  return (jnp.where(y > 0, grad, jnp.zeros((), grad.dtype)),)
+
+
+relu_grad_from_output.defvjp(_relu_grad_from_output_fwd, _relu_grad_from_output_bwd)
+
+
 def _pool_geometry(size: int, window: int, stride: int) -> tuple[int, int]:
   """(padding per side, output size) of a PyTorch-style pool along one axis."""
   pad = window // 2

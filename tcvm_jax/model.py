@@ -110,7 +110,8 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> TCVM:
       model_config.backbone, dtype=dtype, bn_axis_name=model_config.bn_axis_name,
       bn_momentum=model_config.bn_momentum, bn_gradient=model_config.bn_gradient,
       bn_statistics=model_config.get("bn_statistics", "auto"),
-      stem_layout=model_config.get("stem_layout", "auto"), rngs=rngs)
+      stem_layout=model_config.get("stem_layout", "auto"),
+      block_relu_gradient=model_config.get("block_relu_gradient", "auto"), rngs=rngs)
   return TCVM(
       backbone, num_clips=num_clips, num_frames=num_frames, tc_k=model_config.tc_k,
       tc_second_order=model_config.tc_second_order, tc_hidden_dim=model_config.tc_hidden_dim,

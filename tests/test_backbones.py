@@ -409,3 +409,35 @@ def test_max_pool_gradient_on_ties_goes_to_first_maximum_once():
   assert grad.sum() == 4  # 2x2 outputs, each gradient 1, none lost or duplicated
   with pytest.raises(ValueError, match="window"):
     layers.max_pool_spatial(x, window=0)
+
+
+# --- The block-end ReLU's gradient from its output ------------------------------------
+
+def test_block_relu_gradient_from_output_keeps_fewer_residuals_same_gradients():
+  # Autodiff's ReLU keeps a mask of its input (the sum residual + shortcut) for the
+  # backward pass; 'from_output' reads the mask off the block's output, which the next
+  # block keeps anyway: one kept tensor fewer per block, and exactly the same gradients.
+  videos = jax.random.normal(jax.random.key(1), (2, 4, 32, 32, 3))
+  results = {}
+  for choice in ("from_input", "from_output"):
+    backbone = backbones.get_backbone("r3d_tiny", dtype=jnp.float32,
+                                      block_relu_gradient=choice, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(backbone, nnx.Param, ...)
+
+    def loss_fn(params, graphdef=graphdef, rest=rest):
+      return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(videos) ** 2)
+
+    # The vjp function is a pytree of the kept residuals: returned from one jit, applied
+    # in another (eager, the test took 35 s).
+    loss, vjp_fn = jax.jit(lambda p, loss_fn=loss_fn: jax.vjp(loss_fn, p))(params)
+    residuals = [leaf for leaf in jax.tree.leaves(vjp_fn) if leaf.ndim == 5]
+    grads = jax.jit(lambda f, c: f(c)[0])(vjp_fn, jnp.ones_like(loss))
+    results[choice] = (loss, grads, residuals)
+  (loss_in, grads_in, kept_in), (loss_out, grads_out, kept_out) = results.values()
+  assert float(loss_in) == float(loss_out)
+  for a, b in zip(jax.tree.leaves(grads_in), jax.tree.leaves(grads_out)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  num_blocks = 4  # r3d_tiny: one block per stage
+  assert len(kept_in) - len(kept_out) == num_blocks
+  with pytest.raises(ValueError, match="block_relu_gradient"):
+    backbones.get_backbone("r3d_tiny", block_relu_gradient="maybe", rngs=nnx.Rngs(0))
