@@ -30,16 +30,19 @@
 # reads the results (layers.BatchNorm's 'auto', a CUDA flag in the step's compile options).
 #
 # Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), ROUNDS (6),
-# PROFILE_S (75), BATCH (32), R3D_CONFIG (configs/pretrain.py; run_gpu_benchmark.sh's too).
+# PROFILE_S (60), BENCHMARK_S (200, kept for the benchmark), BATCH (32), R3D_CONFIG
+# (configs/pretrain.py; run_gpu_benchmark.sh's too).
 # A dry run on CPU (every phase, ~3 minutes): PYTHON=venv/bin/python
-# R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4 ROUNDS=2.
+# R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4 ROUNDS=2
+# STEM_ARGS="--frames=64 --size=56 --dtype=float32".
 # Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tcvm_gpu_session}
 TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-560}
 ROUNDS=${ROUNDS:-6}
-PROFILE_S=${PROFILE_S:-75}
+PROFILE_S=${PROFILE_S:-60}
+BENCHMARK_S=${BENCHMARK_S:-200}
 BATCH=${BATCH:-32}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -55,10 +58,14 @@ say "=== augment"
 timeout -k 5 90 "$PYTHON" benchmarks/augment_variants.py 2>&1 | quiet | tee "$OUT/augment.log"
 
 say "=== stem"
-timeout -k 5 75 "$PYTHON" benchmarks/stem_variants.py 2>&1 | quiet | tee "$OUT/stem.log"
+# shellcheck disable=SC2086
+timeout -k 5 75 "$PYTHON" benchmarks/stem_variants.py ${STEM_ARGS:-} 2>&1 | quiet \
+    | tee "$OUT/stem.log"
 
 say "=== levers (A/B, $ROUNDS rounds)"
-timeout -k 5 $(( $(left) - 200 )) "$PYTHON" benchmarks/options_ab.py \
+# The benchmark after it keeps BENCHMARK_S: ~150 s for its first two phases (R3D50 against
+# eager torch, then torch.compile, ~85 s to compile: the headline ratio, in one call).
+timeout -k 5 $(( $(left) - BENCHMARK_S - PROFILE_S )) "$PYTHON" benchmarks/options_ab.py \
     --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
     --variant=planes_float32=--config.augment.plane_dtype=float32 \
     --variant=blur_rows_matmul=--config.augment.blur_rows=matmul \
