@@ -60,7 +60,9 @@ def block_kernel(kernel: jax.Array) -> jax.Array:
   kernel_size, _, channels, features = kernel.shape
   selection, _ = _tap_selection(kernel_size)
   selection = jnp.asarray(selection, kernel.dtype)
-  blocks = jnp.einsum("asrk,btul,klco->abstcruo", selection, selection, kernel)
+  # HIGHEST: each entry is one weight times 1 (or 0); TF32 would round float32 weights.
+  blocks = jnp.einsum("asrk,btul,klco->abstcruo", selection, selection, kernel,
+                      precision=jax.lax.Precision.HIGHEST)
   size = selection.shape[0]
   return blocks.reshape(size, size, BLOCK * BLOCK * channels, 4 * features)
 
