@@ -173,7 +173,6 @@ class VideoResNet(nnx.Module):
         x = block(x)
     return x
 
-
   def _stem(self, videos: jax.Array) -> jax.Array:
     """Conv 7x7 / 2 -> BN -> ReLU -> max-pool 3x3 / 2, in the pixel layout or the 4x4-block
     one (`stem.py`, `model.stem_layout`; 'auto' is 'pixels' until measured on a GPU):
