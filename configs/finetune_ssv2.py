@@ -80,6 +80,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   model.dtype = "float32"             # compute dtype: 'float32' or 'bfloat16'.
   model.bn_momentum = 0.9
   model.dropout_rate = 0.5            # before the classifier (SlowFast's default).
+  # How the stem and each block's last ReLU compute (same values), as in configs/pretrain.py.
+  model.stem_layout = "auto"          # 'auto' (= 'pixels'), 'pixels', 'blocks'.
+  model.block_relu_gradient = "auto"  # 'auto' (= 'from_input'), 'from_input', 'from_output'.
 
   # --- Optimisation (optim.py: lr = base_learning_rate * batch_size / 32) --------
   config.batch_size = 32              # global batch of training videos.

@@ -210,6 +210,21 @@ def test_config_errors_name_the_setting():
   config.model.dropout_rate = 1.0
   with pytest.raises(config_validation.ConfigError, match=r"config\.model\.dropout_rate=1\.0"):
     finetune.validate_config(config)
+  config.model.dropout_rate = 0.5
+  config.model.stem_layout = "columns"
+  with pytest.raises(config_validation.ConfigError, match=r"config\.model\.stem_layout"):
+    finetune.validate_config(config)
+
+
+def test_layout_switches_reach_the_fine_tuned_backbone(pretrained):
+  directory, _, _ = pretrained
+  config = demo_config(**{"init_checkpoint": directory, "model.stem_layout": "blocks",
+                          "model.block_relu_gradient": "from_output"})
+  source = retrieval.resolve_encoder(config, directory)
+  backbone = retrieval.create_backbone_fn(source, config.model, seed=0)()
+  assert backbone.stem_layout == "blocks"
+  assert all(block.block_relu_gradient == "from_output"
+             for blocks in backbone.stages for block in blocks)
 
 
 def test_demo_preset_trains_tests_and_resumes(pretrained, tmp_path):
