@@ -10,7 +10,8 @@
 #               (model.stem_layout=blocks, tcvm_jax/stem.py) and the block-end ReLU's
 #               gradient from its output (model.block_relu_gradient=from_output).
 #               BatchNorm's closed-form gradient, within 2 % twice, is left out.
-#               Each variant compiles in 23-39 s on an H200
+#               Each variant compiles in 23-39 s on an H200. If XLA aborts the process
+#               while compiling one, the A/B runs again without it
 #                                                  -> $OUT/options_ab.{json,log}
 #   2. winners  benchmarks/ab_winners.py: the variants that beat the default by >= 2 %
 #               (chained steps), as XLA flags and config overrides -> $OUT/winners.txt
@@ -62,18 +63,54 @@ say "=== stem"
 timeout -k 5 75 "$PYTHON" benchmarks/stem_variants.py ${STEM_ARGS:-} 2>&1 | quiet \
     | tee "$OUT/stem.log"
 
+LEVERS=(
+  planes_float32=--config.augment.plane_dtype=float32
+  blur_rows_matmul=--config.augment.blur_rows=matmul
+  stem_blocks=--config.model.stem_layout=blocks
+  relu_from_output=--config.model.block_relu_gradient=from_output
+)
+# levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
+# first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the
+# headline ratio, in one call) and PROFILE_S.
+levers() {
+  local variants=() variant
+  for variant in "$@"; do variants+=(--variant="$variant"); done
+  timeout -k 5 $(( $(left) - BENCHMARK_S - PROFILE_S )) "$PYTHON" benchmarks/options_ab.py \
+      --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
+      "${variants[@]}" --rounds="$ROUNDS" --nocontrol --json="$OUT/options_ab.json" 2>&1 \
+      | quiet | tee -a "$OUT/options_ab.log"
+  return "${PIPESTATUS[0]}"
+}
+
 say "=== levers (A/B, $ROUNDS rounds)"
-# The benchmark after it keeps BENCHMARK_S: ~150 s for its first two phases (R3D50 against
-# eager torch, then torch.compile, ~85 s to compile: the headline ratio, in one call).
-timeout -k 5 $(( $(left) - BENCHMARK_S - PROFILE_S )) "$PYTHON" benchmarks/options_ab.py \
-    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
-    --variant=planes_float32=--config.augment.plane_dtype=float32 \
-    --variant=blur_rows_matmul=--config.augment.blur_rows=matmul \
-    --variant=stem_blocks=--config.model.stem_layout=blocks \
-    --variant=relu_from_output=--config.model.block_relu_gradient=from_output \
-    --rounds="$ROUNDS" --nocontrol --json="$OUT/options_ab.json" 2>&1 | quiet \
-    | tee "$OUT/options_ab.log"
-say "levers finished with exit code ${PIPESTATUS[0]}"
+rm -f "$OUT/options_ab.json"
+: > "$OUT/options_ab.log"
+levers "${LEVERS[@]}"
+rc=$?
+say "levers finished with exit code $rc"
+# An XLA CHECK failure aborts the whole process (as compiling TSM50 did on 2026-11-26),
+# before any round is written. Leave out the variant it was compiling (the first one
+# not reported compiled) and run the others once more; their programs now come from the
+# compilation cache.
+if [ ! -f "$OUT/options_ab.json" ] && (( rc == 134 || rc == 139 )); then
+  kept=()
+  culprit=""
+  for variant in "${LEVERS[@]}"; do
+    name=${variant%%=*}
+    if [ -z "$culprit" ] && ! grep -q "^$name: compiled" "$OUT/options_ab.log"; then
+      culprit=$name
+    else
+      kept+=("$variant")
+    fi
+  done
+  if [ -n "$culprit" ] && grep -q "^default: compiled" "$OUT/options_ab.log" \
+      && (( ${#kept[@]} > 0 )); then
+    say "levers: the process died compiling '$culprit'; again without it" \
+        | tee -a "$OUT/options_ab.log"
+    levers "${kept[@]}"
+    say "levers (second try) finished with exit code $?"
+  fi
+fi
 
 WINNING_XLA_FLAGS="" WINNING_CONFIG_FLAGS=""
 if [ -f "$OUT/options_ab.json" ]; then

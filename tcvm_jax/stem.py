@@ -37,34 +37,40 @@ def supports_blocks(height: int, width: int, kernel_hw: tuple[int, int]) -> bool
   return height % BLOCK == 0 and width % BLOCK == 0 and kh == kw and kh % 2 == 1
 
 
-def _tap_selection(kernel_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """One-hot (blocks, 4, 2, kernel_size): [b, s, r, k] = 1 where kernel tap k takes
-  output pixel r of a block from input pixel s of block offset b + first; and the conv's
-  padding in blocks (before, after)."""
+def _tap_index(kernel_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """(blocks, 4, 2) int: [b, s, r] = the kernel tap that takes output pixel r of a block
+  from input pixel s of block offset b + first (kernel_size where none does); and the
+  conv's padding in blocks (before, after)."""
   pad = kernel_size // 2
   # Output pixel 2p + r reads input pixel 2(2p + r) + k - pad = 4p + (2r + k - pad).
   offsets = [2 * r + k - pad for r in range(2) for k in range(kernel_size)]
   first, last = min(offsets) // BLOCK, max(offsets) // BLOCK
-  selection = np.zeros((last - first + 1, BLOCK, 2, kernel_size), np.float32)
+  taps = np.full((last - first + 1, BLOCK, 2), kernel_size, np.int32)
   for r in range(2):
     for k in range(kernel_size):
       block, pixel = divmod(2 * r + k - pad, BLOCK)
-      selection[block - first, pixel, r, k] = 1.0
-  return selection, (-first, last)
+      taps[block - first, pixel, r] = k
+  return taps, (-first, last)
 
 
 def block_kernel(kernel: jax.Array) -> jax.Array:
   """(k, k, Cin, Cout) -> (b, b, 16 * Cin, 4 * Cout): the stride-2 conv's kernel for
   input blocks (channels ordered pixel row, pixel column, Cin) to output blocks (output
-  row, output column, Cout). b = 3 for k = 7."""
+  row, output column, Cout). b = 3 for k = 7.
+
+  Each entry is one weight or 0: a gather from the kernel padded with a zero row and
+  column (exact; a product with one-hot matrices would be a matmul that XLA may hand to
+  Triton or round to TF32).
+  """
   kernel_size, _, channels, features = kernel.shape
-  selection, _ = _tap_selection(kernel_size)
-  selection = jnp.asarray(selection, kernel.dtype)
-  # HIGHEST: each entry is one weight times 1 (or 0); TF32 would round float32 weights.
-  blocks = jnp.einsum("asrk,btul,klco->abstcruo", selection, selection, kernel,
-                      precision=jax.lax.Precision.HIGHEST)
-  size = selection.shape[0]
-  return blocks.reshape(size, size, BLOCK * BLOCK * channels, 4 * features)
+  taps, _ = _tap_index(kernel_size)
+  padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # tap kernel_size is zero
+  rows = taps[:, None, :, None, :, None]  # (a, 1, s, 1, r, 1)
+  columns = taps[None, :, None, :, None, :]  # (1, b, 1, t, 1, u)
+  blocks = padded[rows, columns]  # (a, b, s, t, r, u, Cin, Cout)
+  size = taps.shape[0]
+  return blocks.transpose(0, 1, 2, 3, 6, 4, 5, 7).reshape(
+      size, size, BLOCK * BLOCK * channels, 4 * features)
 
 
 def to_blocks(x: jax.Array) -> jax.Array:
@@ -83,7 +89,7 @@ def conv_blocks(x: jax.Array, kernel: jax.Array) -> jax.Array:
     raise ValueError(f"The block-layout stem needs frame sides that are multiples of "
                      f"{BLOCK} and an odd square kernel; got frames {height}x{width}, "
                      f"kernel {kernel.shape[:2]}.")
-  _, (before, after) = _tap_selection(kernel.shape[0])
+  _, (before, after) = _tap_index(kernel.shape[0])
   y = jax.lax.conv_general_dilated(
       to_blocks(x), block_kernel(kernel), (1, 1), ((before, after), (before, after)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
