@@ -17,7 +17,8 @@
 #               (chained steps), as XLA flags and config overrides -> $OUT/winners.txt
 #   3. the benchmark (scripts/run_gpu_benchmark.sh) with the winners applied, in the time
 #      left but $PROFILE_S: R3D50 against eager PyTorch, against torch.compile (~85 s to
-#      compile), TSM50, the training loop          -> $OUT/*.json, *.log
+#      compile), R3D50 at twice the batch (JAX only), TSM50, the training loop
+#                                                  -> $OUT/*.json, *.log
 #   4. a device trace of 3 R3D50 steps with the winners (benchmarks/profile_step.py), for
 #      reading offline with benchmarks/trace_summary.py (time, GB/s, TFLOP/s per op)
 #                                                  -> $OUT/profile/
@@ -33,7 +34,7 @@
 # Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), ROUNDS (6),
 # PROFILE_S (60), BENCHMARK_S (200, kept for the benchmark), BATCH (32), R3D_CONFIG
 # (configs/pretrain.py; run_gpu_benchmark.sh's too).
-# A dry run on CPU (every phase, ~3 minutes): PYTHON=venv/bin/python
+# A dry run on CPU (every phase, ~5 minutes): PYTHON=venv/bin/python
 # R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4 ROUNDS=2
 # STEM_ARGS="--frames=64 --size=56 --dtype=float32".
 # Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
