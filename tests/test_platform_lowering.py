@@ -12,10 +12,12 @@ from tcvm_jax import mesh as mesh_lib, optim, train_step
 from train_test_utils import bfloat16_ops, variadic_reductions
 
 
-def _lowered_step(backbone: str, platform: str) -> str:
+def _lowered_step(backbone: str, platform: str, **model_fields) -> str:
   config = get_config("demo")
   config.model.backbone = backbone
   config.batch_size = 4
+  for field, value in model_fields.items():
+    config.model[field] = value
   mesh = mesh_lib.create_mesh()
   optimizer, schedule = optim.create_optimizer(config, steps_per_epoch=10, num_train_steps=100)
   graphdef, state = train_step.create_train_state(config, mesh, optimizer)
@@ -37,3 +39,16 @@ def test_the_step_lowers_for_cuda_and_tpu_with_their_defaults(backbone):
   for platform in ("cpu", "tpu"):
     assert variadic_reductions(texts[platform]) == variadic_reductions(texts["cpu"])
     assert bfloat16_ops(texts[platform]) == 0, platform
+
+
+def test_the_gpu_session_variants_lower_for_cuda():
+  # The switches the next GPU session's A/B compiles (scripts/gpu_session.sh): a program
+  # that does not even lower would cost that rare session its A/B. The demo's stem (7x7 /
+  # 2, 3 -> 8 channels, 56-px frames) trains on CUDA as a 4x4 conv over 12 channels
+  # (space-to-depth) in the pixel layout, as a 3x3 conv from 48 to 32 channels (4 x 8:
+  # a block of 2 x 2 output pixels) in the block layout.
+  pixels = _lowered_step("r3d_tiny", "cuda")
+  blocks = _lowered_step("r3d_tiny", "cuda", stem_layout="blocks",
+                         block_relu_gradient="from_output")
+  assert "tensor<4x4x12x8xf32>" in pixels and "tensor<3x3x48x32xf32>" not in pixels
+  assert "tensor<3x3x48x32xf32>" in blocks and "tensor<4x4x12x8xf32>" not in blocks
