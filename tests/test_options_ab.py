@@ -189,8 +189,11 @@ def test_gpu_session_variants_parse_and_set_existing_config_fields():
   # A typo here would only show on the rarely lent GPU machine; catch it on CPU.
   with open(os.path.join(REPO_ROOT, "scripts", "gpu_session.sh")) as f:
     script = f.read()
-  specs = re.findall(r"--variant=(\S+=\S*)", script)
-  assert len(specs) >= 4
+  # The A/B's variants: the NAME=FLAGS entries of the script's LEVERS=( ... ) array.
+  levers = re.search(r"^LEVERS=\(\n(.*?)^\)", script, re.MULTILINE | re.DOTALL)
+  assert levers is not None
+  specs = levers.group(1).split()
+  assert len(specs) >= 4 and all(re.fullmatch(r"\w+=--\S+", spec) for spec in specs)
   variants = ab_rounds.option_variants(specs)
   config = pretrain.get_config()
   for _, _, options, overrides in variants:
