@@ -152,6 +152,10 @@ def _conv2d_space_to_depth_matmul(x: jax.Array, kernel: jax.Array, stride: int) 
 # Strided convs with at most this many input channels (the stems) use space-to-depth on
 # CPU and CUDA in training. Measured on CPU: 3 channels 40 -> 26 ms; 16 or 32 slower.
 SPACE_TO_DEPTH_MAX_CHANNELS = 4
+# On CPU only up to this many output channels: the stem of 256 frames of 56^2 (float32, 2
+# cores, forward, median of 15) took 12.5 ms that way against 20 ms plain at 8 and 16
+# channels, but 133 against 89 ms at 32 and 180 against 72 ms at 64 (R3D50's width).
+SPACE_TO_DEPTH_CPU_MAX_FEATURES = 16
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -159,8 +163,8 @@ def _strided_conv_few_channels(x: jax.Array, kernel: jax.Array, stride: int) -> 
   """A strided conv over few input channels: `_conv2d`'s values, faster in training.
 
   The primal is the plain convolution (what inference runs, and what MAC counters see).
-  The training forward pass (the custom_vjp fwd rule) runs it by space-to-depth on CPU
-  and CUDA, plainly elsewhere; the weight gradient is the space-to-depth graph's on CUDA,
+  The training forward pass (the custom_vjp fwd rule) runs it by space-to-depth on CUDA
+  and on CPU up to `SPACE_TO_DEPTH_CPU_MAX_FEATURES` output channels, plainly elsewhere; the weight gradient is the space-to-depth graph's on CUDA,
   the plain convolution's summed over cache-sized chunks of frames on CPU
   (`_conv_vjp_weight_grad_in_chunks`) and the plain convolution's elsewhere. Measured
   (docs/performance.md): CPU, the demo's stem, forward 40 -> 26 ms, weight gradient
@@ -174,7 +178,8 @@ def _strided_conv_few_channels(x: jax.Array, kernel: jax.Array, stride: int) -> 
 def _strided_conv_few_channels_fwd(x, kernel, stride):
   plain = functools.partial(_conv2d, stride=stride)
   by_blocks = functools.partial(_conv2d_space_to_depth, stride=stride)
-  y = jax.lax.platform_dependent(x, kernel, cpu=by_blocks, cuda=by_blocks, default=plain)
+  on_cpu = by_blocks if kernel.shape[-1] <= SPACE_TO_DEPTH_CPU_MAX_FEATURES else plain
+  y = jax.lax.platform_dependent(x, kernel, cpu=on_cpu, cuda=by_blocks, default=plain)
   return y, (x, kernel)
 
 

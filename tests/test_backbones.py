@@ -175,6 +175,25 @@ def test_stem_weight_gradient_in_chunks_equals_xla_gradients(num, chunk_frames):
                                  atol=1e-4)
 
 
+@pytest.mark.parametrize("features", [8, layers.SPACE_TO_DEPTH_CPU_MAX_FEATURES + 1, 64])
+def test_stem_trains_by_space_to_depth_on_cpu_only_when_narrow(features):
+  # CPU training forward pass: space-to-depth (a 4x4 conv over 12 channels) up to
+  # SPACE_TO_DEPTH_CPU_MAX_FEATURES output channels, the plain strided 7x7 conv above;
+  # CUDA always space-to-depth. The same values either way (tests above).
+  x = jnp.zeros((2, 16, 16, 3))
+  weights = jnp.zeros((7, 7, 3, features))
+
+  def lowered(platform):
+    forward = jax.jit(lambda x, w: jax.vjp(
+        functools.partial(layers._strided_conv_few_channels, stride=2), x, w)[0])
+    return forward.trace(x, weights).lower(lowering_platforms=(platform,)).as_text()
+
+  by_blocks = f"tensor<4x4x12x{features}xf32>"
+  narrow = features <= layers.SPACE_TO_DEPTH_CPU_MAX_FEATURES
+  assert (by_blocks in lowered("cpu")) == narrow
+  assert by_blocks in lowered("cuda")
+
+
 @pytest.mark.parametrize("height, width, in_features, out_features, kernel, stride", [
     (14, 14, 16, 16, 3, 2), (7, 9, 8, 5, 3, 2), (4, 4, 8, 8, 3, 2), (11, 10, 6, 4, 5, 3),
     (5, 5, 7, 3, 1, 2)])
