@@ -164,8 +164,9 @@ def _strided_conv_few_channels(x: jax.Array, kernel: jax.Array, stride: int) -> 
 
   The primal is the plain convolution (what inference runs, and what MAC counters see).
   The training forward pass (the custom_vjp fwd rule) runs it by space-to-depth on CUDA
-  and on CPU up to `SPACE_TO_DEPTH_CPU_MAX_FEATURES` output channels, plainly elsewhere; the weight gradient is the space-to-depth graph's on CUDA,
-  the plain convolution's summed over cache-sized chunks of frames on CPU
+  and on CPU up to `SPACE_TO_DEPTH_CPU_MAX_FEATURES` output channels, plainly elsewhere;
+  the weight gradient is the space-to-depth graph's on CUDA, the plain convolution's
+  summed over cache-sized chunks of frames on CPU
   (`_conv_vjp_weight_grad_in_chunks`) and the plain convolution's elsewhere. Measured
   (docs/performance.md): CPU, the demo's stem, forward 40 -> 26 ms, weight gradient
   23 ms plain vs 137 by space-to-depth (before the chunks); H200,
