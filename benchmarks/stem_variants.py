@@ -8,10 +8,10 @@ stem (conv, BatchNorm, ReLU, max-pool) in both layouts (issue #6).
 CUDA, and on CPU for stems of up to 16 channels); 'space_to_depth_matmul': those as one
 (pixels, 192) x (192, 64) matmul (`layers._conv2d_space_to_depth_matmul`). Each is timed
 forward and forward + weight gradient (the stem's input needs no gradient), jitted, median
-of 20. They must agree (max relative difference to 'plain' printed). Then the whole stem as the model trains it
-(`VideoResNet._stem`, BatchNorm in training mode) with `model.stem_layout` 'pixels' and
-'blocks' (tcvm_jax/stem.py): forward, and forward + the gradient of the stem's
-parameters; the pooled outputs must agree too.
+of 20. They must agree (max relative difference to 'plain' printed). Then the whole stem
+as the model trains it (`VideoResNet._stem`, BatchNorm in training mode) with
+`model.stem_layout` 'pixels' and 'blocks' (tcvm_jax/stem.py): forward, and forward + the
+gradient of the stem's parameters; the pooled outputs must agree too.
 """
 
 from __future__ import annotations

@@ -199,6 +199,15 @@ def _validate_montage_and_augment(config) -> None:
     check_choice(config, "augment.plane_dtype", augment.PLANE_DTYPE_CHOICES)
 
 
+def check_backbone_switches(config) -> None:
+  """model.stem_layout and model.block_relu_gradient, where the config has them (the
+  pretraining and fine-tuning configs): how the backbone computes, not what."""
+  if "stem_layout" in config.model:
+    check_choice(config, "model.stem_layout", stem.STEM_LAYOUTS)
+  if "block_relu_gradient" in config.model:
+    check_choice(config, "model.block_relu_gradient", layers.BLOCK_RELU_GRADIENTS)
+
+
 def _validate_model(config) -> None:
   check_choice(config, "model.backbone", BACKBONES)
   check_choice(config, "model.dtype", DTYPES)
@@ -208,10 +217,7 @@ def _validate_model(config) -> None:
   check_number(config, "model.bn_momentum", 0.0, 1.0, high_open=True)
   check_choice(config, "model.bn_gradient", layers.BATCH_NORM_GRADIENTS)
   check_choice(config, "model.bn_statistics", layers.BATCH_NORM_STATISTICS)
-  if "stem_layout" in config.model:
-    check_choice(config, "model.stem_layout", stem.STEM_LAYOUTS)
-  if "block_relu_gradient" in config.model:
-    check_choice(config, "model.block_relu_gradient", layers.BLOCK_RELU_GRADIENTS)
+  check_backbone_switches(config)
   check_number(config, "model.tc_k", 0.0, 1.0)
   check_bool(config, "model.tc_second_order")
   check_int(config, "model.tc_hidden_dim", 1, allowed=(-1,))

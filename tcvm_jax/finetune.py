@@ -40,12 +40,10 @@ from jax.sharding import Mesh
 from tcvm_jax import augment
 from tcvm_jax import checkpointing
 from tcvm_jax import config_validation as cv
-from tcvm_jax import layers
 from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import metrics as metrics_lib
 from tcvm_jax import optim
 from tcvm_jax import retrieval
-from tcvm_jax import stem
 from tcvm_jax import xla_options
 
 TrainState = dict[str, Any]
@@ -317,10 +315,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   cv.check_number(config, "augment.flip_prob", 0.0, 1.0)
   cv.check_number(config, "model.dropout_rate", 0.0, 1.0, high_open=True)
   cv.check_number(config, "model.bn_momentum", 0.0, 1.0, high_open=True)
-  if "stem_layout" in config.model:
-    cv.check_choice(config, "model.stem_layout", stem.STEM_LAYOUTS)
-  if "block_relu_gradient" in config.model:
-    cv.check_choice(config, "model.block_relu_gradient", layers.BLOCK_RELU_GRADIENTS)
+  cv.check_backbone_switches(config)
   cv.check_number(config, "label_smoothing", 0.0, 1.0, high_open=True)
   cv.check_number(config, "base_learning_rate", 0.0, low_open=True)
   cv.check_number(config, "momentum", 0.0, 1.0, high_open=True)

@@ -652,13 +652,7 @@ def _pool_taps(x: jax.Array, window: int, stride: int) -> list[jax.Array]:
 
 def _max_pool_forward(x: jax.Array, window: int, stride: int) -> tuple[jax.Array, jax.Array]:
   """Max over the taps and which tap (int8, the first in raster order) holds it."""
-  taps = _pool_taps(x, window, stride)
-  pooled, winner = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
-  for index, tap in enumerate(taps[1:], start=1):
-    larger = tap > pooled  # strict: ties keep the earlier tap, as reduce_window's gradient
-    pooled = jnp.where(larger, tap, pooled)
-    winner = jnp.where(larger, jnp.int8(index), winner)
-  return pooled, winner
+  return stem.max_of_taps(_pool_taps(x, window, stride))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))

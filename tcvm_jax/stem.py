@@ -22,6 +22,8 @@ order; the parameters are the same (a (1, 7, 7, 3, C) kernel).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,25 +112,26 @@ def _pool_tap(y: jax.Array, tap_h: int, tap_w: int) -> jax.Array:
                      ((0, 0, 0), (up, -up, 0), (left, -left, 0), (0, 0, 0)))
 
 
-def _max_pool_blocks_forward(y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Max over the 9 taps and which one (int8, the first in raster order) holds it."""
-  pooled, winner = _pool_tap(y, 0, 0), jnp.zeros(y.shape[:3] + y.shape[5:], jnp.int8)
-  for index in range(1, 9):
-    tap = _pool_tap(y, *divmod(index, 3))
+def max_of_taps(taps: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Elementwise max over same-shape taps and which one holds it (int8 index, the first
+  in the given order): the forward pass of both max-pools of the stem, this layout's and
+  `layers.max_pool_spatial`'s."""
+  pooled, winner = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+  for index, tap in enumerate(taps[1:], start=1):
     larger = tap > pooled  # strict: ties keep the earlier tap, as reduce_window's gradient
     pooled = jnp.where(larger, tap, pooled)
     winner = jnp.where(larger, jnp.int8(index), winner)
   return pooled, winner
 
 
+def _max_pool_blocks_forward(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Max over the 9 taps in raster order, and which one holds it."""
+  return max_of_taps([_pool_tap(y, *divmod(index, 3)) for index in range(9)])
+
+
 @jax.custom_vjp
 def _max_pool_blocks(y: jax.Array) -> jax.Array:
   return _max_pool_blocks_forward(y)[0]
-
-
-def _max_pool_blocks_fwd(y):
-  pooled, winner = _max_pool_blocks_forward(y)
-  return pooled, winner
 
 
 def _max_pool_blocks_bwd(winner, grad):
@@ -149,7 +152,7 @@ def _max_pool_blocks_bwd(winner, grad):
   return (jnp.stack(rows, axis=3),)  # (N, P, Q, 2, 2, C)
 
 
-_max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
+_max_pool_blocks.defvjp(_max_pool_blocks_forward, _max_pool_blocks_bwd)
 
 
 def max_pool_blocks(y: jax.Array) -> jax.Array:

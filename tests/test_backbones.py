@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from tcvm_jax import backbones, layers
+from train_test_utils import reduce_window_max_pool
 
 
 def count_params(module: nnx.Module) -> int:
@@ -391,14 +392,6 @@ def test_every_parameter_gets_a_gradient(videos, tiny_backbones):
 
 
 # --- Max-pool with its custom gradient ------------------------------------------------
-
-def reduce_window_max_pool(x, window=3, stride=2):
-  """The reference: XLA's reduce_window max, differentiated by JAX."""
-  pad = window // 2
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, window, window, 1),
-                               (1, 1, stride, stride, 1),
-                               ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)))
-
 
 @pytest.mark.parametrize("shape, window, stride", [
     ((2, 3, 9, 8, 4), 3, 2), ((1, 2, 8, 7, 3), 3, 2), ((1, 2, 7, 7, 2), 3, 1),

@@ -10,6 +10,7 @@ from flax import nnx
 
 from configs import pretrain
 from tcvm_jax import backbones, config_validation, stem
+from train_test_utils import reduce_window_max_pool
 
 
 def strided_conv(x, kernel):
@@ -17,12 +18,6 @@ def strided_conv(x, kernel):
   pad = kernel.shape[0] // 2
   return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((pad, pad), (pad, pad)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def reduce_window_max_pool(x):
-  """The reference: XLA's 3x3 / 2 reduce_window max (padding 1) of (N, H, W, C)."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                               ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
 def random(shape, seed):

@@ -184,3 +184,16 @@ def bfloat16_ops(stablehlo_text: str) -> int:
   lowering, unused."""
   return sum("xbf16>" in line and "stablehlo.constant" not in line
              for line in stablehlo_text.splitlines())
+
+
+def reduce_window_max_pool(x, window: int = 3, stride: int = 2):
+  """The max-pools' reference: XLA's reduce_window max over H and W of (..., H, W, C),
+  PyTorch padding (window // 2, -inf), differentiated by JAX (select-and-scatter)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  pad = window // 2
+  leading = x.ndim - 3
+  return jax.lax.reduce_window(x, -float("inf"), jax.lax.max,
+                               (1,) * leading + (window, window, 1),
+                               (1,) * leading + (stride, stride, 1),
+                               ((0, 0),) * leading + ((pad, pad), (pad, pad), (0, 0)))
