@@ -21,6 +21,15 @@ DEFAULT = "default"  # options_ab.py's baseline: the step compiled with no optio
 CONTROL = "control"  # the same, compiled again: its ratio to DEFAULT is the noise floor
 _FLAG = re.compile(r"^--(xla_[A-Za-z0-9_]+)(?:=(.*))?$")
 _CONFIG_FLAG = re.compile(r"^--config\.([A-Za-z0-9_.]+)=(.*)$")
+_SOURCE_TABLES = re.compile(r"^FileNames\n.*?^StackFrames\n.*?\n\n", re.DOTALL | re.MULTILINE)
+_STACK_FRAME = re.compile(r"\s*stack_frame_id=\d+")
+
+
+def program_text(compiled) -> str:
+  """A compiled program's HLO (`jax.stages.Compiled`) without its source-location tables
+  (file names, lines, stack frames): two compilations of the same program from
+  different call sites compare equal."""
+  return _STACK_FRAME.sub("", _SOURCE_TABLES.sub("", compiled.as_text()))
 
 
 def parse_variant(text: str) -> tuple[str, str]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from typing import Any, Sequence
@@ -89,17 +88,6 @@ def format_summary(variants: Sequence[tuple[str, str, dict[str, Any], dict[str, 
   return "\n".join(lines)
 
 
-_SOURCE_TABLES = re.compile(r"^FileNames\n.*?^StackFrames\n.*?\n\n", re.DOTALL | re.MULTILINE)
-_STACK_FRAME = re.compile(r"\s*stack_frame_id=\d+")
-
-
-def program_text(compiled) -> str:
-  """The compiled HLO without its source-location tables (file names, lines, stack
-  frames): two compilations of the same program from different call sites compare
-  equal."""
-  return _STACK_FRAME.sub("", _SOURCE_TABLES.sub("", compiled.as_text()))
-
-
 def time_round(step: jax_step.CompiledStep, steps: int) -> dict[str, float]:
   median_s, _ = jax_step.median_time(step.run_blocking, steps=steps, warmup=0)
   chained_s, _ = jax_step.chained_time(step.run, steps=steps)
@@ -140,7 +128,7 @@ def main(argv) -> int:
         return 1
       failed[name] = str(e)[:2000]
       continue
-    steps[name], texts[name] = step, program_text(step.compiled)
+    steps[name], texts[name] = step, ab_rounds.program_text(step.compiled)
     print(f"{name}: compiled in {step.compile_time_s:.1f} s on "
           f"{jax.devices()[0].device_kind}", flush=True)
   variants = [variant for variant in variants if variant[0] not in failed]

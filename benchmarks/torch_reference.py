@@ -111,11 +111,11 @@ class ReferenceSpec:
 
   @property
   def augment_settings(self) -> torch_montage.AugmentSettings:
-    # How the JAX step stores its planes and runs its blur, not what it computes: the
-    # reference keeps float32 planes and its own blur.
+    # How the JAX step stores its planes and runs its blur and jitter, not what it
+    # computes: the reference keeps float32 planes and its own blur and jitter.
     fields = {name: tuple(value) if isinstance(value, (list, tuple)) else value
               for name, value in (self.augment or {}).items()
-              if name not in ("plane_dtype", "blur_rows")}
+              if name not in ("plane_dtype", "blur_rows", "jitter_kernel")}
     return torch_montage.AugmentSettings(**fields)
 
   @property

@@ -74,6 +74,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # The blur along H: 'taps' (11 shifted multiply-adds over a reflect-padded copy) or
   # 'matmul' (a (S, S) filter, no padded copy): to measure on a GPU (gpu_session.sh).
   aug.blur_rows = "taps"
+  # The colour jitter and grayscale: 'xla' (~20 passes over the planes), 'pallas' (on CUDA
+  # one fused kernel, `tcvm_jax/jitter_kernel.py`; the XLA form elsewhere), 'auto' = 'xla'
+  # until a GPU run measures both (scripts/gpu_session.sh).
+  aug.jitter_kernel = "auto"
 
   # --- Model -----------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()

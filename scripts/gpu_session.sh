@@ -4,17 +4,17 @@
 #   bash scripts/gpu_session.sh          # on the GPU machine, from the repo root
 #
 #   1. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
-#               alternating rounds): the defaults against float32 augmentation planes
-#               (the CUDA default of 2026-11-26 undone; its in-step A/B was cut short),
-#               the blur along H as one matmul, the stem in the 4x4-block layout
-#               (model.stem_layout=blocks, tcvm_jax/stem.py) and the block-end ReLU's
-#               gradient from its output (model.block_relu_gradient=from_output).
-#               BatchNorm's closed-form gradient, within 2 % twice, is left out.
-#               Each variant compiles in 23-39 s on an H200. If XLA aborts the process
+#               alternating rounds): the defaults against the stem in the 4x4-block
+#               layout (model.stem_layout=blocks, tcvm_jax/stem.py) and the block-end
+#               ReLU's gradient from its output (model.block_relu_gradient=from_output).
+#               BatchNorm's closed-form gradient, within 2 % twice, is left out; the
+#               augmentation's switches are decided by the augment phase below.
+#               Each variant compiles in 13-39 s on an H200. If XLA aborts the process
 #               while compiling one, the A/B runs again without it
 #                                                  -> $OUT/options_ab.{json,log}
 #   2. winners  benchmarks/ab_winners.py: the variants that beat the default by >= 2 %
-#               (chained steps), as XLA flags and config overrides -> $OUT/winners.txt
+#               (chained steps), as XLA flags and config overrides, and the augment
+#               phase's winner                     -> $OUT/winners.txt
 #   3. the benchmark (scripts/run_gpu_benchmark.sh) with the winners applied, in the time
 #      left but $PROFILE_S: R3D50 against eager PyTorch, against torch.compile (~85 s to
 #      compile), R3D50 at twice the batch (JAX only), TSM50, the training loop
@@ -22,8 +22,10 @@
 #   4. a device trace of 3 R3D50 steps with the winners (benchmarks/profile_step.py), for
 #      reading offline with benchmarks/trace_summary.py (time, GB/s, TFLOP/s per op)
 #                                                  -> $OUT/profile/
-# First, the augmentation alone (benchmarks/augment_variants.py: planes x blur forms)
-#                                                  -> $OUT/augment.log
+# First, the augmentation alone (benchmarks/augment_variants.py: float32 / bfloat16
+# planes, the blur along H as taps / one matmul, the colour jitter as XLA passes / one
+# Pallas kernel); its fastest variant, if >= 5 % faster than the default, goes to the
+# benchmark                              -> $OUT/augment.{log,json}, $OUT/augment_winner.txt
 # and the stem alone (benchmarks/stem_variants.py: its conv three ways, then the whole
 # stem in the pixel and the block layout)         -> $OUT/stem.log
 # More than 8 files come back from $OUT only inside an archive: call it as
@@ -57,7 +59,9 @@ use_compilation_cache
 quiet() { grep --line-buffered -v -E '^[IW][0-9]{4} |^WARNING: All log|oneDNN'; }
 
 say "=== augment"
-timeout -k 5 90 "$PYTHON" benchmarks/augment_variants.py 2>&1 | quiet | tee "$OUT/augment.log"
+rm -f "$OUT/augment_winner.txt"
+timeout -k 5 120 "$PYTHON" benchmarks/augment_variants.py --json="$OUT/augment.json" \
+    --winner_flags="$OUT/augment_winner.txt" 2>&1 | quiet | tee "$OUT/augment.log"
 
 say "=== stem"
 # shellcheck disable=SC2086
@@ -65,8 +69,6 @@ timeout -k 5 75 "$PYTHON" benchmarks/stem_variants.py ${STEM_ARGS:-} 2>&1 | quie
     | tee "$OUT/stem.log"
 
 LEVERS=(
-  planes_float32=--config.augment.plane_dtype=float32
-  blur_rows_matmul=--config.augment.blur_rows=matmul
   stem_blocks=--config.model.stem_layout=blocks
   relu_from_output=--config.model.block_relu_gradient=from_output
 )
@@ -117,6 +119,10 @@ WINNING_XLA_FLAGS="" WINNING_CONFIG_FLAGS=""
 if [ -f "$OUT/options_ab.json" ]; then
   eval "$("$PYTHON" benchmarks/ab_winners.py "$OUT/options_ab.json" 2>"$OUT/winners.txt")"
   cat "$OUT/winners.txt"
+fi
+if [ -s "$OUT/augment_winner.txt" ]; then
+  augment_flags=$(cat "$OUT/augment_winner.txt")
+  WINNING_CONFIG_FLAGS="${WINNING_CONFIG_FLAGS:+$WINNING_CONFIG_FLAGS }$augment_flags"
 fi
 say "winners: XLA_FLAGS+='$WINNING_XLA_FLAGS' config: '$WINNING_CONFIG_FLAGS'" \
     | tee -a "$OUT/winners.txt"

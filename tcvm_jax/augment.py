@@ -34,7 +34,8 @@ Speed (docs/performance.md): steps 1-4 work on three separate colour planes. XLA
 elementwise chains into single loops that recompute a producer for every element they
 read; a colour op reads all three channels of a pixel, so on interleaved RGB a chain of n
 ops costs ~3^n evaluations. The colour jitter's blend slots run in two short loops, whose
-carries are materialised for the same reason.
+carries are materialised for the same reason; on CUDA, `augment.jitter_kernel='pallas'`
+runs jitter and grayscale as one fused kernel instead (`jitter_kernel.py`).
 """
 
 from __future__ import annotations
@@ -47,11 +48,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from tcvm_jax import cpu_chunks
+from tcvm_jax import colour, cpu_chunks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale.
 NUM_CROP_TRIES = 10
 BLUR_REFERENCE_SIZE = 224  # `blur_sigma` is given in pixels of an image this size.
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
@@ -61,6 +61,10 @@ PLANE_DTYPES = ("float32", "bfloat16")
 PLANE_DTYPE_CHOICES = ("auto",) + PLANE_DTYPES
 # How the blur filters along H (`augment.blur_rows`, `_blur_planes`).
 BLUR_ROWS = ("taps", "matmul")
+# How the colour jitter and grayscale run (`augment.jitter_kernel`): XLA passes, or one
+# fused Pallas kernel (`jitter_kernel`). 'auto' is 'xla' until a GPU run measures both.
+JITTER_KERNELS = ("xla", "pallas")
+JITTER_KERNEL_CHOICES = ("auto",) + JITTER_KERNELS
 _HIGHEST = jax.lax.Precision.HIGHEST  # exact uint8 values through the one-hot matrices.
 
 
@@ -121,6 +125,10 @@ def validate_augment_config(aug_config: Any) -> None:
   blur_rows = getattr(aug_config, "blur_rows", "taps")
   if blur_rows not in BLUR_ROWS:
     raise ValueError(f"augment.blur_rows={blur_rows!r}; choose from {BLUR_ROWS}.")
+  jitter_kernel = getattr(aug_config, "jitter_kernel", "auto")
+  if jitter_kernel not in JITTER_KERNEL_CHOICES:
+    raise ValueError(f"augment.jitter_kernel={jitter_kernel!r}; choose from "
+                     f"{JITTER_KERNEL_CHOICES}.")
   plane_dtype = getattr(aug_config, "plane_dtype", "auto")
   if plane_dtype not in PLANE_DTYPE_CHOICES:
     raise ValueError(f"augment.plane_dtype={plane_dtype!r}; choose from "
@@ -263,7 +271,7 @@ def matmul_precision(dtype: Any) -> jax.lax.Precision:
 # per distinct element they read: on interleaved RGB a chain of n such ops costs ~3^n
 # evaluations per pixel, on separate planes (same index for all three) it costs one.
 
-Planes = tuple[jax.Array, jax.Array, jax.Array]  # red, green, blue; each (..., H, W).
+Planes = colour.Planes  # red, green, blue; each (..., H, W).
 
 
 def _split(images: jax.Array) -> Planes:
@@ -274,43 +282,14 @@ def _merge(planes: Planes) -> jax.Array:
   return jnp.stack(planes, axis=-1)
 
 
-def _gray_plane(planes: Planes) -> jax.Array:
-  red, green, blue = planes
-  return GRAY_WEIGHTS[0] * red + GRAY_WEIGHTS[1] * green + GRAY_WEIGHTS[2] * blue
-
-
-def _blend_planes(planes: Planes, other: jax.Array, factor: jax.Array) -> Planes:
-  return tuple(jnp.clip(factor * plane + (1.0 - factor) * other, 0.0, 1.0)
-               for plane in planes)
-
-
 def _mean_gray_plane(planes: Planes) -> jax.Array:
   """Mean luma of each image, shaped (..., 1, 1) to broadcast against a plane."""
-  return _gray_plane(planes).mean(axis=(-2, -1), keepdims=True)
-
-
-def _hue_planes(planes: Planes, shift: jax.Array) -> Planes:
-  """Hue rotation by `shift` turns in one elementwise pass (see `adjust_hue`)."""
-  red, green, blue = planes
-  value = jnp.maximum(jnp.maximum(red, green), blue)
-  chroma = value - jnp.minimum(jnp.minimum(red, green), blue)
-  divisor = jnp.where(chroma > 0, chroma, 1.0)
-  hue6 = jnp.where(value == red, (green - blue) / divisor,
-                   jnp.where(value == green, 2.0 + (blue - red) / divisor,
-                             4.0 + (red - green) / divisor))
-  hue6 = hue6 + 6.0 * shift
-
-  def channel(n):
-    k = n + hue6
-    k = k - 6.0 * jnp.floor(k * (1.0 / 6.0))  # mod 6 (floor vectorises; fmod does not)
-    return value - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-
-  return channel(5.0), channel(3.0), channel(1.0)
+  return colour.gray_plane(planes).mean(axis=(-2, -1), keepdims=True)
 
 
 def rgb_to_gray(images: jax.Array) -> jax.Array:
   """(..., H, W, 3) -> (..., H, W) luma with torchvision's weights."""
-  return _gray_plane(_split(images))
+  return colour.gray_plane(_split(images))
 
 
 def grayscale(images: jax.Array) -> jax.Array:
@@ -319,18 +298,18 @@ def grayscale(images: jax.Array) -> jax.Array:
 
 
 def adjust_brightness(images: jax.Array, factor: jax.Array) -> jax.Array:
-  return _merge(_blend_planes(_split(images), jnp.zeros((), images.dtype), factor))
+  return _merge(colour.blend_planes(_split(images), jnp.zeros((), images.dtype), factor))
 
 
 def adjust_contrast(images: jax.Array, factor: jax.Array) -> jax.Array:
   """Blends with the mean grey level of each image (frame)."""
   planes = _split(images)
-  return _merge(_blend_planes(planes, _mean_gray_plane(planes), factor))
+  return _merge(colour.blend_planes(planes, _mean_gray_plane(planes), factor))
 
 
 def adjust_saturation(images: jax.Array, factor: jax.Array) -> jax.Array:
   planes = _split(images)
-  return _merge(_blend_planes(planes, _gray_plane(planes), factor))
+  return _merge(colour.blend_planes(planes, colour.gray_plane(planes), factor))
 
 
 def rgb_to_hsv(images: jax.Array) -> jax.Array:
@@ -377,7 +356,7 @@ def adjust_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
   n (R: 5, G: 3, B: 1) is V - C * clip(min(k, 4 - k), 0, 1), k = (n + h6) mod 6.
   Grey pixels (C = 0) stay as they are.
   """
-  return _merge(_hue_planes(_split(images), shift))
+  return _merge(colour.hue_planes(_split(images), shift))
 
 
 def _jitter_planes(planes: Planes, brightness: jax.Array, contrast: jax.Array,
@@ -385,11 +364,7 @@ def _jitter_planes(planes: Planes, brightness: jax.Array, contrast: jax.Array,
   """`color_jitter` on planes. Each pass computes in float32 and stores the planes in
   their own dtype (bfloat16 planes: half the bytes, float32 arithmetic)."""
   stored = planes[0].dtype
-  position = jnp.argsort(order)  # position[op]: where op comes in the order.
-  hue_position = position[3]
-  blend_ops = order[jnp.argsort(order == 3, stable=True)[:3]]  # 0 bright., 1 contr., 2 sat.
-  blend_after_hue = position[blend_ops] > hue_position
-  factors = jnp.stack([brightness, contrast, saturation]).astype(jnp.float32)[blend_ops]
+  ops, factors = colour.jitter_slots(brightness, contrast, saturation, order)
 
   def in_float32(planes):
     return tuple(plane.astype(jnp.float32) for plane in planes)
@@ -399,33 +374,23 @@ def _jitter_planes(planes: Planes, brightness: jax.Array, contrast: jax.Array,
 
   def blend_slot(slot, planes, after_hue):
     planes = in_float32(planes)
-    op = blend_ops[slot]
-    factor = jnp.where(blend_after_hue[slot] == after_hue, factors[slot], 1.0)
-    gray = _gray_plane(planes)
+    gray = colour.gray_plane(planes)
     mean_gray = gray.mean(axis=(-2, -1), keepdims=True)  # contrast's reference level
-    other = jnp.where(op == 0, 0.0, jnp.where(op == 1, mean_gray, gray))
-    return stored_as(_blend_planes(planes, other, factor))
+    return stored_as(colour.blend_slot(planes, ops[slot], factors[slot + 3 * after_hue],
+                                       gray, mean_gray))
 
   # Loops, not unrolled code: the carry is materialised between slots. Unrolled, XLA
   # fuses the whole chain into one loop, where each slot reads all three planes of the
   # previous one, so the work grows as ~4^slots (seconds instead of milliseconds on CPU).
-  planes = jax.lax.fori_loop(0, 3, functools.partial(blend_slot, after_hue=False), planes)
-  planes = stored_as(_hue_planes(in_float32(planes), hue))
-  return jax.lax.fori_loop(0, 3, functools.partial(blend_slot, after_hue=True), planes)
+  planes = jax.lax.fori_loop(0, 3, functools.partial(blend_slot, after_hue=0), planes)
+  planes = stored_as(colour.hue_planes(in_float32(planes), hue))
+  return jax.lax.fori_loop(0, 3, functools.partial(blend_slot, after_hue=1), planes)
 
 
 def color_jitter(images: jax.Array, brightness: jax.Array, contrast: jax.Array,
                  saturation: jax.Array, hue: jax.Array, order: jax.Array) -> jax.Array:
-  """The four adjustments in the order given by `order`, a permutation of range(4).
-
-  Branch-free without computing every op at every position. Brightness, contrast and
-  saturation are all blends `clip(f * x + (1 - f) * other)` (other: 0, the image's mean
-  grey level, its grey image); they run as three "blend slots" in their relative order
-  before the hue shift (active where they precede it in `order`) and the same three
-  slots after it; an inactive slot has f = 1, an exact identity on [0, 1]. Six cheap
-  blends and one hue shift, where computing all four ops at each of the four positions
-  costs four hue shifts.
-  """
+  """The four adjustments in the order given by `order`, a permutation of range(4): six
+  blend slots around one hue shift, branch-free (`colour`'s docstring)."""
   return _merge(_jitter_planes(_split(images), brightness, contrast, saturation, hue, order))
 
 
@@ -582,8 +547,45 @@ def center_crop_params(in_hw: Sequence[int], out_size: int,
       std=tuple(float(s) for s in std))
 
 
+# Where `augment.jitter_kernel='pallas'` finds no GPU, the XLA form runs (the kernel is
+# Triton code). Tests set this to run the kernel in Pallas's interpreter instead.
+_INTERPRET_KERNEL_OFF_CUDA = False
+
+
+def _jitter_and_gray(params: AugmentParams, planes: jax.Array, kernel: str = "xla"
+                     ) -> jax.Array:
+  """Steps 2-3 on a clip's RGB planes (3, L, S, S): colour jitter if `params.jitter`, then
+  grayscale if `params.grayscale`. kernel: 'xla' or 'auto' (`_jitter_planes`: ~20 passes
+  over the planes), or 'pallas': on CUDA one fused kernel (`jitter_kernel`, the same
+  maths in float32), elsewhere the XLA form."""
+  if kernel not in JITTER_KERNEL_CHOICES:
+    raise ValueError(f"augment.jitter_kernel={kernel!r}; choose from {JITTER_KERNEL_CHOICES}.")
+
+  def xla_form(planes, _=None):
+    rgb = (planes[0], planes[1], planes[2])
+    jittered = _jitter_planes(rgb, params.brightness, params.contrast, params.saturation,
+                              params.hue, params.jitter_order)
+    rgb = tuple(jnp.where(params.jitter, new, old) for new, old in zip(jittered, rgb))
+    gray = colour.gray_plane(rgb)
+    return jnp.stack([jnp.where(params.grayscale, gray, plane) for plane in rgb])
+
+  if kernel != "pallas":
+    return xla_form(planes)
+  # Imported when used: Pallas's Triton modules add ~0.14 s to every process's start.
+  from tcvm_jax import jitter_kernel as jitter_kernel_lib  # pylint: disable=g-import-not-at-top
+  row = jitter_kernel_lib.frame_params(params.brightness, params.contrast, params.saturation,
+                                       params.hue, params.jitter_order, params.jitter,
+                                       params.grayscale)
+  rows = jnp.broadcast_to(row, (planes.shape[1], row.shape[0]))
+  interpreted = functools.partial(jitter_kernel_lib.jitter_gray_frames, interpret=True)
+  return jax.lax.platform_dependent(
+      planes, rows, cuda=jitter_kernel_lib.jitter_gray_frames,
+      default=interpreted if _INTERPRET_KERNEL_OFF_CUDA else xla_form)
+
+
 def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float32,
-                  plane_dtype: Any = jnp.float32, blur_rows: str = "taps") -> jax.Array:
+                  plane_dtype: Any = jnp.float32, blur_rows: str = "taps",
+                  jitter_kernel: str = "xla") -> jax.Array:
   """(L, H, W, 3) uint8 -> (L, S, S, 3) normalised `dtype`, one parameter set for all frames.
 
   `plane_dtype`: the planes' dtype from the resampling to the normalisation. float32
@@ -591,6 +593,7 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
   what the GPU's montage time is made of (docs/performance.md), for ~3 significant digits
   (8-bit input has ~2.4): the step's on CUDA (`augment.plane_dtype='auto'`).
   `blur_rows`: how the blur filters along H ('taps' or 'matmul', `_blur_planes`).
+  `jitter_kernel`: how steps 2-3 run ('xla' or 'pallas', `_jitter_and_gray`).
   """
   if clip.ndim != 4 or clip.shape[-1] != 3:
     raise ValueError(f"Expected a clip (L, H, W, 3), got shape {clip.shape}.")
@@ -601,13 +604,8 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
   out_size = params.out_size
   planes = _crop_resize_planes(clip, params.crop_box, params.flip, out_size,
                                matmul_precision(dtype), resolve_dtype(plane_dtype))
-  rgb = (planes[0], planes[1], planes[2])
-  jittered = _jitter_planes(rgb, params.brightness, params.contrast, params.saturation,
-                            params.hue, params.jitter_order)
-  rgb = tuple(jnp.where(params.jitter, new, old) for new, old in zip(jittered, rgb))
-  gray = _gray_plane(rgb)
-  rgb = tuple(jnp.where(params.grayscale, gray, plane) for plane in rgb)
-  planes = _blur_planes(jnp.stack(rgb), params.blur_sigma, params.blur,
+  planes = _jitter_and_gray(params, planes, jitter_kernel)  # (3, L, S, S)
+  planes = _blur_planes(planes, params.blur_sigma, params.blur,
                         blur_radius(out_size), matmul_precision(dtype),
                         blur_rows)  # (3, L, S, S)
   frames = jnp.moveaxis(planes, 0, -1)  # (L, S, S, 3)
@@ -620,7 +618,8 @@ CPU_AUGMENT_CHUNK_PIXELS = 262_144
 
 
 def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.float32,
-                  plane_dtype: Any = jnp.float32, blur_rows: str = "taps") -> jax.Array:
+                  plane_dtype: Any = jnp.float32, blur_rows: str = "taps",
+                  jitter_kernel: str = "xla") -> jax.Array:
   """A batch of clips at once: (K, L, H, W, 3) uint8, params with leaves (K, ...) ->
   (K, L, S, S, 3) `dtype`.
 
@@ -646,8 +645,8 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
                      f"{PLANE_DTYPES}.")
 
   def batched(params, clips, planes=jnp.float32 if auto else plane_dtype):
-    return jax.vmap(lambda p, c: apply_augment(p, c, dtype, planes, blur_rows))(params,
-                                                                               clips)
+    return jax.vmap(lambda p, c: apply_augment(p, c, dtype, planes, blur_rows,
+                                               jitter_kernel))(params, clips)
 
   num_clips, clip_len, height, width, _ = clips.shape
   chunk = cpu_chunks.chunk_size(num_clips, clip_len * height * width,

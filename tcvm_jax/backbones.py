@@ -233,6 +233,15 @@ BACKBONES: dict[str, Callable[..., VideoResNet]] = {
 }
 
 
+# The config.model fields that say how the backbone computes, not what ('auto' where unset).
+COMPUTE_OPTION_FIELDS = ("bn_gradient", "bn_statistics", "stem_layout", "block_relu_gradient")
+
+
+def compute_options(model_config: Any) -> dict[str, str]:
+  """`get_backbone`'s keyword arguments for config.model's compute switches."""
+  return {name: model_config.get(name, "auto") for name in COMPUTE_OPTION_FIELDS}
+
+
 def get_backbone(
     name: str,
     *,

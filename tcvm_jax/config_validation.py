@@ -197,6 +197,8 @@ def _validate_montage_and_augment(config) -> None:
     check_choice(config, "augment.blur_rows", augment.BLUR_ROWS)
   if "plane_dtype" in config.augment:
     check_choice(config, "augment.plane_dtype", augment.PLANE_DTYPE_CHOICES)
+  if "jitter_kernel" in config.augment:
+    check_choice(config, "augment.jitter_kernel", augment.JITTER_KERNEL_CHOICES)
 
 
 def check_backbone_switches(config) -> None:

@@ -106,16 +106,13 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> TCVM:
   if model_config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16'; got {model_config.dtype!r}.")
   dtype = jnp.dtype(model_config.dtype)
+  options = backbones.compute_options(model_config)
   backbone = backbones.get_backbone(
       model_config.backbone, dtype=dtype, bn_axis_name=model_config.bn_axis_name,
-      bn_momentum=model_config.bn_momentum, bn_gradient=model_config.bn_gradient,
-      bn_statistics=model_config.get("bn_statistics", "auto"),
-      stem_layout=model_config.get("stem_layout", "auto"),
-      block_relu_gradient=model_config.get("block_relu_gradient", "auto"), rngs=rngs)
+      bn_momentum=model_config.bn_momentum, rngs=rngs, **options)
   return TCVM(
       backbone, num_clips=num_clips, num_frames=num_frames, tc_k=model_config.tc_k,
       tc_second_order=model_config.tc_second_order, tc_hidden_dim=model_config.tc_hidden_dim,
       ofc_hidden_dim=model_config.ofc_hidden_dim, ofc_dim=model_config.ofc_dim, dtype=dtype,
       bn_axis_name=model_config.bn_axis_name, bn_momentum=model_config.bn_momentum,
-      bn_gradient=model_config.bn_gradient,
-      bn_statistics=model_config.get("bn_statistics", "auto"), rngs=rngs)
+      bn_gradient=options["bn_gradient"], bn_statistics=options["bn_statistics"], rngs=rngs)

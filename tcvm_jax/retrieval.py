@@ -143,14 +143,14 @@ def create_backbone_fn(source: EncoderSource, model_config: ml_collections.Confi
     raise cv.ConfigError(f"config.model.dtype={model_config.dtype!r}: choose one of {DTYPES}.")
   dtype = jnp.dtype(model_config.dtype)
   bn_momentum = model_config.get("bn_momentum", 0.9)
-  # How the stem and the blocks' last ReLU compute (fine-tuning trains through them too).
-  layout = dict(stem_layout=model_config.get("stem_layout", "auto"),
-                block_relu_gradient=model_config.get("block_relu_gradient", "auto"))
+  # How BatchNorm, the stem and the blocks' last ReLU compute (fine-tuning trains
+  # through them too).
+  options = backbones.compute_options(model_config)
 
   def create():
     # Rngs made inside, so the constructor can run under jit / eval_shape.
     return backbones.get_backbone(source.backbone, dtype=dtype, bn_axis_name=None,
-                                  bn_momentum=bn_momentum, rngs=nnx.Rngs(seed), **layout)
+                                  bn_momentum=bn_momentum, rngs=nnx.Rngs(seed), **options)
 
   return create
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import subprocess
+import re
 import sys
 
 import jax
@@ -17,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import augment_variants, jax_step
+from benchmarks import ab_rounds, augment_variants, jax_step
 from configs import pretrain
-from tcvm_jax import host_memory
+from tcvm_jax import augment, host_memory
 from train_test_utils import (FAST_COMPILE_XLA_FLAGS, TINY_BENCHMARK_OVERRIDES,
                               tiny_benchmark_config)
 
@@ -173,10 +174,64 @@ def test_peak_flops_table():
   assert jax_step.peak_flops("TPU v5 lite", "bfloat16") is None
 
 
-def test_augment_variants_times_both_plane_dtypes_and_blur_forms(capsys):
-  assert augment_variants.main(["--preset=demo", "--batch_size=1", "--steps=1"]) == 0
+def test_augment_variants_time_every_variant_and_write_the_winner(capsys, tmp_path):
+  json_path, flags_path = tmp_path / "augment.json", tmp_path / "winner.txt"
+  assert augment_variants.main(["--config=configs/pretrain.py:demo", "--batch_size=1",
+                                "--steps=1", "--rounds=2", f"--json={json_path}",
+                                f"--winner_flags={flags_path}"]) == 0
   out = capsys.readouterr().out
-  for planes in ("float32  planes", "bfloat16 planes"):
-    for rows in ("taps  ", "matmul"):
-      assert f"{planes}, blur rows as {rows} on" in out
-  assert "4 clips of 4 x 64^2 -> 56^2" in out and "max" in out
+  result = json.loads(json_path.read_text())
+  # Off CUDA the Pallas variants are the XLA form, so they are not timed.
+  timed = set(augment_variants.VARIANTS) - {"jitter_pallas", "jitter_pallas_blur_matmul"}
+  assert set(result["times_s"]) | set(result["skipped"]) == set(augment_variants.VARIANTS)
+  assert set(result["skipped"]) >= {"jitter_pallas", "jitter_pallas_blur_matmul"}
+  assert set(result["times_s"]) <= timed and "default" in result["times_s"]
+  for name in result["times_s"]:
+    assert re.search(rf"^{name} +\d+\.\d+ ms  x\d\.\d+  max ", out, re.MULTILINE), name
+  assert result["max_abs_difference_to_default"]["blur_matmul"] < 1e-3
+  assert "4 clips of 4 x 64^2 -> 56^2" in out and result["failed"] == {}
+  winner = result["winner"]
+  assert flags_path.read_text() == " ".join(result["winner_flags"])
+  assert winner is None or (winner in result["times_s"] and result["times_s"][winner]
+                            <= 0.95 * result["times_s"]["default"])
+
+
+def test_augment_variants_report_a_variant_that_fails_and_time_the_rest(capsys, tmp_path,
+                                                                         monkeypatch):
+  # A kernel that does not compile on the GPU must not cost the session its other figures.
+  original = augment.augment_clips
+
+  def failing_matmul_blur(*args, blur_rows="taps", **kwargs):
+    if blur_rows == "matmul":
+      raise RuntimeError("no kernel for this blur")
+    return original(*args, blur_rows=blur_rows, **kwargs)
+
+  monkeypatch.setattr(augment, "augment_clips", failing_matmul_blur)
+  json_path = tmp_path / "augment.json"
+  assert augment_variants.main(["--config=configs/pretrain.py:demo", "--batch_size=1",
+                                "--steps=1", "--rounds=1", f"--json={json_path}"]) == 0
+  result = json.loads(json_path.read_text())
+  assert set(result["failed"]) == {"blur_matmul"}
+  assert "no kernel for this blur" in result["failed"]["blur_matmul"]
+  assert "blur_matmul: FAILED, RuntimeError: no kernel" in capsys.readouterr().out
+  assert "default" in result["times_s"] and "blur_matmul" not in result["times_s"]
+
+
+def test_augment_variants_set_existing_fields_and_pick_a_clear_winner():
+  # benchmarks/augment_variants.py, the session's augment phase: each variant's overrides
+  # are allowed values of existing config.augment fields, and its winner goes to the
+  # benchmark as flags only when it beats the default by the margin.
+  config = pretrain.get_config()
+  assert augment_variants.VARIANTS[augment_variants.DEFAULT] == {}
+  for name, overrides in augment_variants.VARIANTS.items():
+    kwargs = augment_variants.variant_kwargs(config.augment, overrides)
+    assert set(kwargs) == set(augment_variants.HOW_FIELDS), name
+    changed = ab_rounds.apply_overrides(
+        config, {f"augment.{field}": value for field, value in overrides.items()})
+    augment.validate_augment_config(changed.augment)
+    for field, value in overrides.items():
+      assert changed.augment[field] == value == kwargs[field]
+  times = {"default": 1.0, "blur_matmul": 0.97, "jitter_pallas": 0.9}
+  assert augment_variants.winner(times, 0.05) == "jitter_pallas"
+  assert augment_variants.winner(times, 0.12) is None
+  assert augment_variants.winner({"default": 1.0, "blur_matmul": 1.2}, 0.05) is None

@@ -49,6 +49,8 @@ def test_presets_are_valid(preset):
      r"config\.augment\.blur_rows='dense': choose one of \('taps', 'matmul'\)"),
     ("augment.plane_dtype", "float16",
      r"config\.augment\.plane_dtype='float16': choose one of \('auto', 'float32', 'bfloat16'\)"),
+    ("augment.jitter_kernel", "triton",
+     r"config\.augment\.jitter_kernel='triton': choose one of \('auto', 'xla', 'pallas'\)"),
     ("keep_checkpoints", 0, r"config\.keep_checkpoints=0: must be an integer in \[1, inf\]"),
     ("model.tc_hidden_dim", 0, r"config\.model\.tc_hidden_dim=0"),
     ("model.bn_axis_name", 3, r"config\.model\.bn_axis_name=3: must be None or"),

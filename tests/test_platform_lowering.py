@@ -12,12 +12,14 @@ from tcvm_jax import mesh as mesh_lib, optim, train_step
 from train_test_utils import bfloat16_ops, variadic_reductions
 
 
-def _lowered_step(backbone: str, platform: str, **model_fields) -> str:
+def _lowered_step(backbone: str, platform: str, augment_fields=(), **model_fields) -> str:
   config = get_config("demo")
   config.model.backbone = backbone
   config.batch_size = 4
   for field, value in model_fields.items():
     config.model[field] = value
+  for field, value in dict(augment_fields).items():
+    config.augment[field] = value
   mesh = mesh_lib.create_mesh()
   optimizer, schedule = optim.create_optimizer(config, steps_per_epoch=10, num_train_steps=100)
   graphdef, state = train_step.create_train_state(config, mesh, optimizer)
@@ -47,8 +49,13 @@ def test_the_gpu_session_variants_lower_for_cuda():
   # 2, 3 -> 8 channels, 56-px frames) trains on CUDA as a 4x4 conv over 12 channels
   # (space-to-depth) in the pixel layout, as a 3x3 conv from 48 to 32 channels (4 x 8:
   # a block of 2 x 2 output pixels) in the block layout.
+  # The colour jitter as one Pallas kernel (augment.jitter_kernel, timed by the session's
+  # augment phase and passed on to its benchmark) is one Triton call in the step.
   pixels = _lowered_step("r3d_tiny", "cuda")
   blocks = _lowered_step("r3d_tiny", "cuda", stem_layout="blocks",
-                         block_relu_gradient="from_output")
+                         block_relu_gradient="from_output",
+                         augment_fields={"jitter_kernel": "pallas"})
   assert "tensor<4x4x12x8xf32>" in pixels and "tensor<3x3x48x32xf32>" not in pixels
   assert "tensor<3x3x48x32xf32>" in blocks and "tensor<4x4x12x8xf32>" not in blocks
+  triton_call = "stablehlo.custom_call @__gpu$xla.gpu.triton"
+  assert pixels.count(triton_call) == 0 and blocks.count(triton_call) == 1
