@@ -21,9 +21,10 @@ Compiled first; a variant whose program is the default's is not timed again. The
 the median over rounds of the median of the calls. Prints each, its ratio to 'default',
 and how far each output lands from the default's (normalised units: one uint8 level is
 ~0.017).
---winner_flags: writes the fastest variant's overrides as '--config.augment.F=V ...'
-when it beats 'default' by at least --min_gain (else an empty file), for
-scripts/gpu_session.sh to pass on to the benchmark. Imports no TensorFlow.
+--without=NAME,...: leaves variants out (gpu_session.sh's second try when a kernel took
+the process down). --winner_flags: writes the fastest variant's overrides as
+'--config.augment.F=V ...' when it beats 'default' by at least --min_gain (else an empty
+file), for scripts/gpu_session.sh to pass on to the benchmark. Imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -86,9 +87,14 @@ def main(argv=None) -> int:
   parser.add_argument("--json", default=None, help="Write every figure to this file.")
   parser.add_argument("--winner_flags", default=None,
                       help="Write the winner's config flags (or nothing) to this file.")
+  parser.add_argument("--without", default="",
+                      help="Comma-separated variants to leave out (not 'default').")
   parser.add_argument("--min_gain", type=float, default=0.05,
                       help="How much faster than 'default' a winner must be.")
   args = parser.parse_args(argv)
+  left_out = {name for name in args.without.split(",") if name}
+  if left_out - set(VARIANTS) or DEFAULT in left_out:
+    parser.error(f"--without={args.without!r}: choose among {sorted(set(VARIANTS) - {DEFAULT})}")
   _, _, preset = args.config.partition(":")
   config = pretrain.get_config(preset)
   num_clips = args.batch_size * config.montage.num_clips
@@ -103,6 +109,9 @@ def main(argv=None) -> int:
   device = jax.devices()[0].device_kind
   functions, programs, outputs, skipped, failed = {}, {}, {}, [], {}
   for name, overrides in VARIANTS.items():
+    if name in left_out:
+      skipped.append(name)
+      continue
     kwargs = variant_kwargs(config.augment, overrides)
     if kwargs["jitter_kernel"] == "pallas" and not on_gpu:
       skipped.append(name)

@@ -209,12 +209,17 @@ def test_augment_variants_report_a_variant_that_fails_and_time_the_rest(capsys, 
   monkeypatch.setattr(augment, "augment_clips", failing_matmul_blur)
   json_path = tmp_path / "augment.json"
   assert augment_variants.main(["--config=configs/pretrain.py:demo", "--batch_size=1",
-                                "--steps=1", "--rounds=1", f"--json={json_path}"]) == 0
+                                "--steps=1", "--rounds=1", f"--json={json_path}",
+                                "--without=planes_float32,planes_bfloat16"]) == 0
   result = json.loads(json_path.read_text())
+  assert {"planes_float32", "planes_bfloat16"} <= set(result["skipped"])
   assert set(result["failed"]) == {"blur_matmul"}
   assert "no kernel for this blur" in result["failed"]["blur_matmul"]
   assert "blur_matmul: FAILED, RuntimeError: no kernel" in capsys.readouterr().out
-  assert "default" in result["times_s"] and "blur_matmul" not in result["times_s"]
+  assert set(result["times_s"]) == {"default"}
+  for bad in ("default", "planes_float64"):  # the baseline stays; names are checked
+    with pytest.raises(SystemExit):
+      augment_variants.main([f"--without={bad}"])
 
 
 def test_augment_variants_set_existing_fields_and_pick_a_clear_winner():
