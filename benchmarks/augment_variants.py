@@ -30,6 +30,7 @@ file), for scripts/gpu_session.sh to pass on to the benchmark. Imports no Tensor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -58,17 +59,6 @@ VARIANTS = {
     "jitter_pallas": {"jitter_kernel": "pallas"},
     "jitter_pallas_blur_matmul": {"jitter_kernel": "pallas", "blur_rows": "matmul"},
 }
-HOW_FIELDS = ("plane_dtype", "blur_rows", "jitter_kernel")  # what VARIANTS may set
-
-
-def variant_kwargs(aug_config, overrides: dict[str, str]) -> dict[str, str]:
-  """`augment_clips` keyword arguments: the config's fields, then the overrides."""
-  kwargs = {name: aug_config.get(name, "auto" if name != "blur_rows" else "taps")
-            for name in HOW_FIELDS}
-  kwargs.update(overrides)
-  return kwargs
-
-
 def winner(times: dict[str, float], min_gain: float) -> str | None:
   """The fastest variant if it beats 'default' by at least `min_gain`, else None."""
   best = min(times, key=times.get)
@@ -112,14 +102,14 @@ def main(argv=None) -> int:
     if name in left_out:
       skipped.append(name)
       continue
-    kwargs = variant_kwargs(config.augment, overrides)
-    if kwargs["jitter_kernel"] == "pallas" and not on_gpu:
+    compute = augment.compute_options(config.augment, **overrides)
+    if compute.jitter_kernel == "pallas" and not on_gpu:
       skipped.append(name)
       print(f"{name}: not timed on {device} (the XLA form off CUDA)", flush=True)
       continue
     try:
-      compiled = jax.jit(lambda p, c, kwargs=kwargs: augment.augment_clips(
-          p, c, jnp.bfloat16, **kwargs)).lower(params, clips).compile()
+      compiled = jax.jit(lambda p, c, compute=compute: augment.augment_clips(
+          p, c, jnp.bfloat16, compute)).lower(params, clips).compile()
       outputs[name] = compiled(params, clips).astype(jnp.float32)
     except Exception as error:  # pylint: disable=broad-except  # report it, time the rest
       failed[name] = f"{type(error).__name__}: {error}"
@@ -146,8 +136,8 @@ def main(argv=None) -> int:
   errors = {name: (float(jnp.abs(outputs[name] - reference).max())
                    if reference is not None else math.nan) for name in times}
   for name in times:
-    settings = " ".join(f"{k}={v}" for k, v in variant_kwargs(config.augment,
-                                                               VARIANTS[name]).items())
+    compute = augment.compute_options(config.augment, **VARIANTS[name])
+    settings = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(compute).items())
     print(f"{name:<26} {times[name] * 1e3:8.3f} ms  x{times[name] / reference_time:.3f}  "
           f"max |out - default| {errors[name]:.4f}  ({settings})", flush=True)
   print(f"on {device}: {num_clips} clips of {length} x {size}^2 -> {out_size}^2, median "

@@ -51,6 +51,10 @@ else:  # run as a script: benchmarks/ is on sys.path
   import torch_montage  # pylint: disable=g-import-not-at-top
 
 POSITIVE_REDUCTIONS = ("mean", "sum")
+# config.augment's switches of how JAX computes, not what: tcvm_jax.augment.COMPUTE_CHOICES
+# (tests compare them; this module stays JAX-free). The reference keeps float32 planes and
+# its own blur and jitter.
+COMPUTE_FIELDS = ("plane_dtype", "blur_rows", "jitter_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +115,9 @@ class ReferenceSpec:
 
   @property
   def augment_settings(self) -> torch_montage.AugmentSettings:
-    # How the JAX step stores its planes and runs its blur and jitter, not what it
-    # computes: the reference keeps float32 planes and its own blur and jitter.
     fields = {name: tuple(value) if isinstance(value, (list, tuple)) else value
               for name, value in (self.augment or {}).items()
-              if name not in ("plane_dtype", "blur_rows", "jitter_kernel")}
+              if name not in COMPUTE_FIELDS}
     return torch_montage.AugmentSettings(**fields)
 
   @property

@@ -58,15 +58,20 @@ install_carried_wheels
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 use_compilation_cache
 quiet() { grep --line-buffered -v -E '^[IW][0-9]{4} |^WARNING: All log|oneDNN'; }
+# run_logged SECONDS LOG COMMAND...: COMMAND under a timeout, its output (less XLA's log
+# lines) shown and appended to LOG; returns COMMAND's exit code, not tee's.
+run_logged() {
+  timeout -k 5 "$1" "${@:3}" 2>&1 | quiet | tee -a "$2"
+  return "${PIPESTATUS[0]}"
+}
 
 say "=== augment"
 rm -f "$OUT/augment_winner.txt" "$OUT/augment.json"
 : > "$OUT/augment.log"
 # augment SECONDS [ARGS...]: the augment phase; its exit code.
 augment() {
-  timeout -k 5 "$1" "$PYTHON" benchmarks/augment_variants.py --json="$OUT/augment.json" \
-      --winner_flags="$OUT/augment_winner.txt" "${@:2}" 2>&1 | quiet | tee -a "$OUT/augment.log"
-  return "${PIPESTATUS[0]}"
+  run_logged "$1" "$OUT/augment.log" "$PYTHON" benchmarks/augment_variants.py \
+      --json="$OUT/augment.json" --winner_flags="$OUT/augment_winner.txt" "${@:2}"
 }
 augment 120
 rc=$?
@@ -79,9 +84,9 @@ if [ ! -f "$OUT/augment.json" ] && (( rc == 134 || rc == 139 )); then
 fi
 
 say "=== stem"
+: > "$OUT/stem.log"
 # shellcheck disable=SC2086
-timeout -k 5 75 "$PYTHON" benchmarks/stem_variants.py ${STEM_ARGS:-} 2>&1 | quiet \
-    | tee "$OUT/stem.log"
+run_logged 75 "$OUT/stem.log" "$PYTHON" benchmarks/stem_variants.py ${STEM_ARGS:-}
 
 LEVERS=(
   stem_blocks=--config.model.stem_layout=blocks
@@ -93,11 +98,10 @@ LEVERS=(
 levers() {
   local variants=() variant
   for variant in "$@"; do variants+=(--variant="$variant"); done
-  timeout -k 5 $(( $(left) - BENCHMARK_S - PROFILE_S )) "$PYTHON" benchmarks/options_ab.py \
-      --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
-      "${variants[@]}" --rounds="$ROUNDS" --nocontrol --json="$OUT/options_ab.json" 2>&1 \
-      | quiet | tee -a "$OUT/options_ab.log"
-  return "${PIPESTATUS[0]}"
+  run_logged $(( $(left) - BENCHMARK_S - PROFILE_S )) "$OUT/options_ab.log" \
+      "$PYTHON" benchmarks/options_ab.py --config="${R3D_CONFIG:-configs/pretrain.py}" \
+      --batch_size="$BATCH" --dtype=bfloat16 "${variants[@]}" --rounds="$ROUNDS" \
+      --nocontrol --json="$OUT/options_ab.json"
 }
 
 say "=== levers (A/B, $ROUNDS rounds)"

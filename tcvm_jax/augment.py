@@ -65,6 +65,9 @@ BLUR_ROWS = ("taps", "matmul")
 # fused Pallas kernel (`jitter_kernel`). 'auto' is 'xla' until a GPU run measures both.
 JITTER_KERNELS = ("xla", "pallas")
 JITTER_KERNEL_CHOICES = ("auto",) + JITTER_KERNELS
+# The switches that say how the augmentation computes, not what (`ComputeOptions`).
+COMPUTE_CHOICES = {"plane_dtype": PLANE_DTYPE_CHOICES, "blur_rows": BLUR_ROWS,
+                   "jitter_kernel": JITTER_KERNEL_CHOICES}
 _HIGHEST = jax.lax.Precision.HIGHEST  # exact uint8 values through the one-hot matrices.
 
 
@@ -86,6 +89,45 @@ class AugmentParams:
   out_size: int = dataclasses.field(default=112, metadata=dict(static=True))
   mean: tuple[float, ...] = dataclasses.field(default=IMAGENET_MEAN, metadata=dict(static=True))
   std: tuple[float, ...] = dataclasses.field(default=IMAGENET_STD, metadata=dict(static=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeOptions:
+  """How the augmentation computes, never what: every choice gives the same augmentation up
+  to rounding. From `config.augment` by `compute_options`; 'auto' picks per platform.
+
+  plane_dtype: the planes' dtype between the passes, `PLANE_DTYPE_CHOICES` or a dtype.
+  'auto': bfloat16 on CUDA in `augment_clips` (measured faster on an H200), float32
+  elsewhere and in `apply_augment`.
+  blur_rows: how the blur filters along H, `BLUR_ROWS` (`_blur_planes`).
+  jitter_kernel: how the colour jitter and grayscale run, `JITTER_KERNEL_CHOICES`
+  (`_jitter_and_gray`); 'auto' is 'xla' until a GPU run has timed both.
+  """
+  plane_dtype: str = "auto"
+  blur_rows: str = "taps"
+  jitter_kernel: str = "auto"
+
+  def __post_init__(self):
+    if not isinstance(self.plane_dtype, str):  # a dtype: stored by name, so hashable.
+      object.__setattr__(self, "plane_dtype", jnp.dtype(self.plane_dtype).name)
+    for name, choices in COMPUTE_CHOICES.items():
+      value = getattr(self, name)
+      if value not in choices:
+        raise ValueError(f"augment.{name}={value!r}; choose from {choices}.")
+
+  def planes_dtype(self, on_cuda: bool = False) -> jnp.dtype:
+    """The planes' dtype, 'auto' resolved for CUDA (`on_cuda`) or elsewhere."""
+    if self.plane_dtype == "auto":
+      return jnp.dtype(jnp.bfloat16 if on_cuda else jnp.float32)
+    return jnp.dtype(self.plane_dtype)
+
+
+def compute_options(aug_config: Any, **overrides: str) -> ComputeOptions:
+  """`ComputeOptions` from `config.augment` (fields it lacks take the defaults), then
+  `overrides`. Raises ValueError naming a setting outside its choices."""
+  values = {name: getattr(aug_config, name, getattr(ComputeOptions, name))
+            for name in COMPUTE_CHOICES} if aug_config is not None else {}
+  return ComputeOptions(**{**values, **overrides})
 
 
 # --- Validation -----------------------------------------------------------------------
@@ -122,17 +164,7 @@ def validate_augment_config(aug_config: Any) -> None:
                        "channel.")
   if min(aug_config.std) <= 0:
     raise ValueError(f"augment.std={aug_config.std} must be > 0.")
-  blur_rows = getattr(aug_config, "blur_rows", "taps")
-  if blur_rows not in BLUR_ROWS:
-    raise ValueError(f"augment.blur_rows={blur_rows!r}; choose from {BLUR_ROWS}.")
-  jitter_kernel = getattr(aug_config, "jitter_kernel", "auto")
-  if jitter_kernel not in JITTER_KERNEL_CHOICES:
-    raise ValueError(f"augment.jitter_kernel={jitter_kernel!r}; choose from "
-                     f"{JITTER_KERNEL_CHOICES}.")
-  plane_dtype = getattr(aug_config, "plane_dtype", "auto")
-  if plane_dtype not in PLANE_DTYPE_CHOICES:
-    raise ValueError(f"augment.plane_dtype={plane_dtype!r}; choose from "
-                     f"{PLANE_DTYPE_CHOICES}.")
+  compute_options(aug_config)  # its three switches
 
 
 def _check_sizes(in_hw: Sequence[int], out_size: int) -> None:
@@ -558,8 +590,6 @@ def _jitter_and_gray(params: AugmentParams, planes: jax.Array, kernel: str = "xl
   grayscale if `params.grayscale`. kernel: 'xla' or 'auto' (`_jitter_planes`: ~20 passes
   over the planes), or 'pallas': on CUDA one fused kernel (`jitter_kernel`, the same
   maths in float32), elsewhere the XLA form."""
-  if kernel not in JITTER_KERNEL_CHOICES:
-    raise ValueError(f"augment.jitter_kernel={kernel!r}; choose from {JITTER_KERNEL_CHOICES}.")
 
   def xla_form(planes, _=None):
     rgb = (planes[0], planes[1], planes[2])
@@ -584,16 +614,14 @@ def _jitter_and_gray(params: AugmentParams, planes: jax.Array, kernel: str = "xl
 
 
 def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float32,
-                  plane_dtype: Any = jnp.float32, blur_rows: str = "taps",
-                  jitter_kernel: str = "xla") -> jax.Array:
+                  compute: ComputeOptions = ComputeOptions()) -> jax.Array:
   """(L, H, W, 3) uint8 -> (L, S, S, 3) normalised `dtype`, one parameter set for all frames.
 
-  `plane_dtype`: the planes' dtype from the resampling to the normalisation. float32
-  (the default; the step's on CPU); bfloat16 halves the bytes every pass moves, which is
-  what the GPU's montage time is made of (docs/performance.md), for ~3 significant digits
-  (8-bit input has ~2.4): the step's on CUDA (`augment.plane_dtype='auto'`).
-  `blur_rows`: how the blur filters along H ('taps' or 'matmul', `_blur_planes`).
-  `jitter_kernel`: how steps 2-3 run ('xla' or 'pallas', `_jitter_and_gray`).
+  `compute` (`ComputeOptions`): how, not what. Its `plane_dtype` is the planes' dtype from
+  the resampling to the normalisation: float32 (here 'auto'; the step's on CPU); bfloat16
+  halves the bytes every pass moves, which is what the GPU's montage time is made of
+  (docs/performance.md), for ~3 significant digits (8-bit input has ~2.4): the step's on
+  CUDA (`augment_clips`).
   """
   if clip.ndim != 4 or clip.shape[-1] != 3:
     raise ValueError(f"Expected a clip (L, H, W, 3), got shape {clip.shape}.")
@@ -603,11 +631,11 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
   height, width = clip.shape[1:3]
   out_size = params.out_size
   planes = _crop_resize_planes(clip, params.crop_box, params.flip, out_size,
-                               matmul_precision(dtype), resolve_dtype(plane_dtype))
-  planes = _jitter_and_gray(params, planes, jitter_kernel)  # (3, L, S, S)
+                               matmul_precision(dtype), compute.planes_dtype())
+  planes = _jitter_and_gray(params, planes, compute.jitter_kernel)  # (3, L, S, S)
   planes = _blur_planes(planes, params.blur_sigma, params.blur,
                         blur_radius(out_size), matmul_precision(dtype),
-                        blur_rows)  # (3, L, S, S)
+                        compute.blur_rows)  # (3, L, S, S)
   frames = jnp.moveaxis(planes, 0, -1)  # (L, S, S, 3)
   return normalize(frames, params.mean, params.std).astype(dtype)
 
@@ -618,15 +646,14 @@ CPU_AUGMENT_CHUNK_PIXELS = 262_144
 
 
 def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.float32,
-                  plane_dtype: Any = jnp.float32, blur_rows: str = "taps",
-                  jitter_kernel: str = "xla") -> jax.Array:
+                  compute: ComputeOptions = ComputeOptions()) -> jax.Array:
   """A batch of clips at once: (K, L, H, W, 3) uint8, params with leaves (K, ...) ->
   (K, L, S, S, 3) `dtype`.
 
-  `plane_dtype`: the planes' dtype (`apply_augment`), or 'auto' (`augment.plane_dtype`):
-  bfloat16 on CUDA, where it cut the augmentation of the paper's batch from 2.61 to
-  1.61 ms on an H200 (benchmarks/augment_variants.py), float32 elsewhere (slower in
-  bfloat16 on the CPU; not measured on TPU).
+  `compute.plane_dtype`: the planes' dtype (`apply_augment`); 'auto' is bfloat16 on CUDA,
+  where it cut the augmentation of the paper's batch from 2.61 to 1.61 ms on an H200
+  (benchmarks/augment_variants.py), float32 elsewhere (slower in bfloat16 on the CPU; not
+  measured on TPU).
 
   One vmapped program: the resampling and blur become batched matmuls / fused
   elementwise passes over all K clips, with no per-clip loop. On CPU the clips go in
@@ -639,14 +666,11 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
   if clips.ndim != 5 or clips.shape[-1] != 3:
     raise ValueError(f"Expected clips (K, L, H, W, 3), got shape {clips.shape}.")
 
-  auto = isinstance(plane_dtype, str) and plane_dtype == "auto"
-  if not auto and jnp.dtype(plane_dtype).name not in PLANE_DTYPES:
-    raise ValueError(f"augment.plane_dtype {jnp.dtype(plane_dtype).name!r}; choose from "
-                     f"{PLANE_DTYPES}.")
+  auto = compute.plane_dtype == "auto"
 
-  def batched(params, clips, planes=jnp.float32 if auto else plane_dtype):
-    return jax.vmap(lambda p, c: apply_augment(p, c, dtype, planes, blur_rows,
-                                               jitter_kernel))(params, clips)
+  def batched(params, clips, on_cuda=False):
+    resolved = dataclasses.replace(compute, plane_dtype=compute.planes_dtype(on_cuda).name)
+    return jax.vmap(lambda p, c: apply_augment(p, c, dtype, resolved))(params, clips)
 
   num_clips, clip_len, height, width, _ = clips.shape
   chunk = cpu_chunks.chunk_size(num_clips, clip_len * height * width,
@@ -663,7 +687,7 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
     return batched(params, clips)  # one program on every platform
   branches = {"cpu": on_cpu, "default": batched}
   if auto:
-    branches["cuda"] = functools.partial(batched, planes=jnp.bfloat16)
+    branches["cuda"] = functools.partial(batched, on_cuda=True)
   return jax.lax.platform_dependent(params, clips, **branches)
 
 

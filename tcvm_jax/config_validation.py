@@ -193,12 +193,9 @@ def _validate_montage_and_augment(config) -> None:
       _fail(f"augment.{name}", value, "needs three finite numbers (R, G, B).")
   if min(_get(config, "augment.std")) <= 0:
     _fail("augment.std", tuple(_get(config, "augment.std")), "every value must be > 0.")
-  if "blur_rows" in config.augment:
-    check_choice(config, "augment.blur_rows", augment.BLUR_ROWS)
-  if "plane_dtype" in config.augment:
-    check_choice(config, "augment.plane_dtype", augment.PLANE_DTYPE_CHOICES)
-  if "jitter_kernel" in config.augment:
-    check_choice(config, "augment.jitter_kernel", augment.JITTER_KERNEL_CHOICES)
+  for name, choices in augment.COMPUTE_CHOICES.items():  # how it computes, not what
+    if name in config.augment:
+      check_choice(config, f"augment.{name}", choices)
 
 
 def check_backbone_switches(config) -> None:

@@ -284,8 +284,8 @@ def _exchange_all_gather(local_clips: jax.Array, gather_rows: jax.Array) -> jax.
 
 def _montage_shard(local_videos: jax.Array, gather_rows: jax.Array,
                    local_params: augment_lib.AugmentParams, *, num_clips: int, dtype: Any,
-                   exchange: str, plane_dtype: Any = "auto", blur_rows: str = "taps",
-                   jitter_kernel: str = "auto") -> jax.Array:
+                   exchange: str, augment_compute: augment_lib.ComputeOptions
+                   ) -> jax.Array:
   """Per device: fetch the clips of this device's slots, augment them all at once.
 
   gather_rows: the whole (N, s) assignment (replicated); the rest is this device's.
@@ -298,8 +298,8 @@ def _montage_shard(local_videos: jax.Array, gather_rows: jax.Array,
   else:
     slot_clips = _exchange_all_gather(local_clips, gather_rows)
   flat_params = jax.tree.map(lambda leaf: leaf.reshape(-1, *leaf.shape[2:]), local_params)
-  augmented = augment_lib.augment_clips(flat_params, slot_clips, dtype, plane_dtype,
-                                        blur_rows, jitter_kernel)  # (n * s, L, S, S, 3)
+  augmented = augment_lib.augment_clips(flat_params, slot_clips, dtype,
+                                        augment_compute)  # (n * s, L, S, S, 3)
   out_size = augmented.shape[2]
   return augmented.reshape(local_num, num_clips * clip_len, out_size, out_size, channels)
 
@@ -307,8 +307,8 @@ def _montage_shard(local_videos: jax.Array, gather_rows: jax.Array,
 def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: int,
                   variant: str = "C-A-S", aug_config: Any = None, out_size: int | None = None,
                   dtype: Any = jnp.float32, exchange: str = "auto", group_devices: int = 0,
-                  plane_dtype: Any = "auto", blur_rows: str = "taps",
-                  jitter_kernel: str = "auto") -> tuple[jax.Array, jax.Array]:
+                  augment_compute: augment_lib.ComputeOptions = augment_lib.ComputeOptions()
+                  ) -> tuple[jax.Array, jax.Array]:
   """Pseudo-videos (N, T, S, S, 3) `dtype` and source_ids (N, s) int32, both over `data`.
 
   videos: (N, T, H, W, 3) uint8, batch-sharded over the mesh's `data` axis.
@@ -317,10 +317,9 @@ def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: i
   exchange: how clips move between devices, 'auto', 'all_to_all' or 'all_gather' (see
   the module docstring); the result does not depend on it.
   group_devices: shuffle within groups of this many consecutive devices (0: all).
-  plane_dtype: the augmentation's planes between its passes (`augment.plane_dtype`,
-  `augment_lib.augment_clips`): 'auto', 'float32' or 'bfloat16'. blur_rows: how the blur
-  filters along H, 'taps' or 'matmul' (`augment.blur_rows`). jitter_kernel: how the
-  colour jitter and grayscale run, 'auto', 'xla' or 'pallas' (`augment.jitter_kernel`).
+  augment_compute: how the augmentation computes (planes' dtype, blur, jitter kernel;
+  `augment_lib.compute_options(config.augment)`); the result does not depend on it beyond
+  rounding.
   """
   if videos.ndim != 5 or videos.shape[-1] != 3:
     raise ValueError(f"Expected videos (N, T, H, W, 3), got shape {videos.shape}.")
@@ -364,8 +363,7 @@ def video_montage(videos: jax.Array, key: jax.Array, *, mesh: Mesh, num_clips: i
   gather_rows = source_index * num_clips + clip_index  # (N, s) rows of the gathered clips.
 
   shard = functools.partial(_montage_shard, num_clips=num_clips, dtype=dtype,
-                            exchange=exchange, plane_dtype=plane_dtype,
-                            blur_rows=blur_rows, jitter_kernel=jitter_kernel)
+                            exchange=exchange, augment_compute=augment_compute)
   if num_groups == 1:
     data = P(mesh_lib.DATA_AXIS)
     # gather_rows go in replicated: each device derives its part of the exchange from the
@@ -404,7 +402,5 @@ def make_montage_fn(config: ml_collections.ConfigDict, mesh: Mesh):
       variant=config.montage.variant, aug_config=config.augment,
       out_size=config.montage.output_size, dtype=augment_lib.resolve_dtype(config.model.dtype),
       group_devices=config.montage.get("group_devices", 0),
-      plane_dtype=config.augment.get("plane_dtype", "auto"),
-      blur_rows=config.augment.get("blur_rows", "taps"),
-      jitter_kernel=config.augment.get("jitter_kernel", "auto"))
+      augment_compute=augment_lib.compute_options(config.augment))
   return jax.jit(fn)

@@ -335,7 +335,8 @@ def test_augment_clips_batch_equals_clip_by_clip(chunk_clips, monkeypatch):
   params = with_fields(params, jitter=on, grayscale=~on, blur=on, flip=on)
   if chunk_clips:
     monkeypatch.setattr(augment, "CPU_AUGMENT_CHUNK_PIXELS", chunk_clips * 2 * 16 * 16)
-  augment_clips = lambda p, c: augment.augment_clips(p, c, jnp.float32, "float32")  # no cache
+  augment_clips = lambda p, c: augment.augment_clips(
+      p, c, jnp.float32, augment.ComputeOptions(plane_dtype="float32"))  # no cache
   jaxpr = str(jax.make_jaxpr(augment_clips)(params, clips))
   assert ("platform_index" in jaxpr) == bool(chunk_clips)
   batched = np.asarray(jax.jit(augment_clips)(params, clips))
@@ -395,18 +396,21 @@ def test_bfloat16_planes_stay_within_a_few_uint8_levels_of_float32():
   params = jax.vmap(lambda key: augment.sample_augment_params(key, config, (40, 48), 32))(
       jax.random.split(jax.random.key(0), 12))
   reference = augment.augment_clips(params, clips, jnp.float32)
-  halved = augment.augment_clips(params, clips, jnp.float32, plane_dtype=jnp.bfloat16)
+  halved = augment.augment_clips(params, clips, jnp.float32,
+                                 augment.ComputeOptions(plane_dtype=jnp.bfloat16))
   assert halved.dtype == jnp.float32
   error = np.abs(np.asarray(halved) - np.asarray(reference))
   level = 1.0 / 255.0 / min(augment.IMAGENET_STD)  # one uint8 step, normalised
   assert error.mean() < level and error.max() < 8 * level
-  np.testing.assert_array_equal(  # float32, the default, is the same program as before
-      np.asarray(augment.augment_clips(params, clips, jnp.float32, plane_dtype="float32")),
+  np.testing.assert_array_equal(  # float32: the same program as 'auto' off CUDA
+      np.asarray(augment.augment_clips(params, clips, jnp.float32,
+                                       augment.ComputeOptions(plane_dtype="float32"))),
       np.asarray(reference))
-  lowered = jax.jit(lambda p, c: augment.augment_clips(p, c, jnp.float32, jnp.bfloat16)
+  lowered = jax.jit(lambda p, c: augment.augment_clips(
+      p, c, jnp.float32, augment.ComputeOptions(jnp.bfloat16))
                     ).lower(params, clips).as_text()
-  assert "xbf16>" in lowered and "xbf16>" not in jax.jit(
-      lambda p, c: augment.augment_clips(p, c, jnp.float32)).lower(params, clips).as_text()
+  assert "xbf16>" in lowered and "xbf16>" not in jax.jit(lambda p, c: augment.augment_clips(
+      p, c, jnp.float32, augment.ComputeOptions("float32"))).lower(params, clips).as_text()
 
 
 @pytest.mark.parametrize("blur", [True, False])
@@ -418,17 +422,19 @@ def test_blur_rows_as_one_matmul_equal_the_taps(blur):
   params = jax.vmap(lambda key: augment.sample_augment_params(key, config, (40, 48), 32))(
       jax.random.split(jax.random.key(3), 6))
   params = with_fields(params, blur=jnp.full(6, blur))
-  taps = augment.augment_clips(params, clips, jnp.float32, "float32", "taps")
-  matmul = augment.augment_clips(params, clips, jnp.float32, "float32", "matmul")
+  taps = augment.augment_clips(params, clips, jnp.float32,
+                               augment.ComputeOptions("float32", "taps"))
+  matmul = augment.augment_clips(params, clips, jnp.float32,
+                                 augment.ComputeOptions("float32", "matmul"))
   np.testing.assert_allclose(np.asarray(matmul), np.asarray(taps), atol=2e-5)
   texts = {rows: jax.jit(lambda p, c, rows=rows: augment.augment_clips(
-      p, c, jnp.float32, "float32", rows)).lower(params, clips).as_text()
+      p, c, jnp.float32, augment.ComputeOptions("float32", rows))).lower(params, clips).as_text()
            for rows in ("taps", "matmul")}
   # No reflect-padded copy of the planes (numpy's 'reflect' pad: reversed slices joined).
   for op in ("stablehlo.reverse", "stablehlo.concatenate"):
     assert texts["matmul"].count(op) < texts["taps"].count(op), op
   with pytest.raises(ValueError, match="blur_rows"):
-    augment.augment_clips(params, clips, jnp.float32, "float32", "dense")
+    augment.ComputeOptions("float32", "dense")
 
 
 def test_auto_planes_are_bfloat16_on_cuda_only():
@@ -439,7 +445,8 @@ def test_auto_planes_are_bfloat16_on_cuda_only():
       jax.random.split(jax.random.key(0), 2))
   texts = {
       (plane, platform): jax.jit(
-          lambda p, c, plane=plane: augment.augment_clips(p, c, jnp.float32, plane)).trace(
+          lambda p, c, plane=plane: augment.augment_clips(
+              p, c, jnp.float32, augment.ComputeOptions(plane))).trace(
               params, clips).lower(lowering_platforms=(platform,)).as_text()
       for plane in ("auto", "float32") for platform in ("cpu", "cuda", "tpu")}
   bf16_ops = {key: bfloat16_ops(text) for key, text in texts.items()}
@@ -447,7 +454,30 @@ def test_auto_planes_are_bfloat16_on_cuda_only():
   for key in [("auto", "cpu"), ("auto", "tpu"), ("float32", "cuda")]:
     assert bf16_ops[key] == 0, key
   with pytest.raises(ValueError, match="plane_dtype"):
-    augment.augment_clips(params, clips, jnp.float32, jnp.float16)
+    augment.ComputeOptions(jnp.float16)
   config.plane_dtype = "float16"
   with pytest.raises(ValueError, match="plane_dtype"):
     augment.validate_augment_config(config)
+
+
+def test_compute_options_read_the_config_and_name_a_bad_switch():
+  # config.augment's switches of how (not what) the augmentation computes, read once.
+  config = get_config().augment
+  assert augment.compute_options(config) == augment.ComputeOptions()
+  config.blur_rows = "matmul"
+  options = augment.compute_options(config, jitter_kernel="pallas")
+  assert (options.plane_dtype, options.blur_rows, options.jitter_kernel) == (
+      "auto", "matmul", "pallas")
+  del config["plane_dtype"]  # an older config without the field: the default
+  assert augment.compute_options(config).plane_dtype == "auto"
+  assert augment.compute_options(None) == augment.ComputeOptions()
+  # A dtype is kept by name, so options stay hashable (jit's static arguments).
+  assert augment.ComputeOptions(jnp.bfloat16) == augment.ComputeOptions("bfloat16")
+  assert len({augment.ComputeOptions(jnp.bfloat16), augment.ComputeOptions("bfloat16")}) == 1
+  assert augment.ComputeOptions().planes_dtype(on_cuda=True) == jnp.bfloat16
+  assert augment.ComputeOptions().planes_dtype() == jnp.float32
+  assert augment.ComputeOptions("float32").planes_dtype(on_cuda=True) == jnp.float32
+  for name, bad in (("plane_dtype", "float16"), ("blur_rows", "dense"),
+                    ("jitter_kernel", "triton")):
+    with pytest.raises(ValueError, match=f"augment.{name}='{bad}'"):
+      augment.compute_options(config, **{name: bad})

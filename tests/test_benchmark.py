@@ -201,10 +201,10 @@ def test_augment_variants_report_a_variant_that_fails_and_time_the_rest(capsys, 
   # A kernel that does not compile on the GPU must not cost the session its other figures.
   original = augment.augment_clips
 
-  def failing_matmul_blur(*args, blur_rows="taps", **kwargs):
-    if blur_rows == "matmul":
+  def failing_matmul_blur(params, clips, dtype, compute):
+    if compute.blur_rows == "matmul":
       raise RuntimeError("no kernel for this blur")
-    return original(*args, blur_rows=blur_rows, **kwargs)
+    return original(params, clips, dtype, compute)
 
   monkeypatch.setattr(augment, "augment_clips", failing_matmul_blur)
   json_path = tmp_path / "augment.json"
@@ -229,13 +229,13 @@ def test_augment_variants_set_existing_fields_and_pick_a_clear_winner():
   config = pretrain.get_config()
   assert augment_variants.VARIANTS[augment_variants.DEFAULT] == {}
   for name, overrides in augment_variants.VARIANTS.items():
-    kwargs = augment_variants.variant_kwargs(config.augment, overrides)
-    assert set(kwargs) == set(augment_variants.HOW_FIELDS), name
+    assert set(overrides) <= set(augment.COMPUTE_CHOICES), name  # how, never what
+    compute = augment.compute_options(config.augment, **overrides)
     changed = ab_rounds.apply_overrides(
         config, {f"augment.{field}": value for field, value in overrides.items()})
     augment.validate_augment_config(changed.augment)
     for field, value in overrides.items():
-      assert changed.augment[field] == value == kwargs[field]
+      assert changed.augment[field] == value == getattr(compute, field)
   times = {"default": 1.0, "blur_matmul": 0.97, "jitter_pallas": 0.9}
   assert augment_variants.winner(times, 0.05) == "jitter_pallas"
   assert augment_variants.winner(times, 0.12) is None

@@ -174,6 +174,18 @@ def test_torch_augmentation_equals_jax_apply_augment():
   np.testing.assert_allclose(torch_out.numpy(), np.asarray(expected), atol=2e-4)
 
 
+def test_torch_reference_leaves_out_exactly_the_jax_compute_switches():
+  # Its list is a literal (the reference stays JAX-free): the switches that say how JAX's
+  # augmentation computes, no more (those are what it computes), no fewer.
+  assert set(torch_reference.COMPUTE_FIELDS) == set(augment.COMPUTE_CHOICES)
+  config = pretrain.get_config()
+  for name, choices in augment.COMPUTE_CHOICES.items():
+    config.augment[name] = choices[-1]
+  settings = _reference_spec(config).augment_settings
+  assert not set(augment.COMPUTE_CHOICES) & {field.name for field in
+                                            dataclasses.fields(settings)}
+
+
 def test_torch_crop_boxes_equal_jax_crop_boxes():
   """torchvision's RandomResizedCrop rules, vectorised in both frameworks: the same uniform
   draws give the same boxes, including the fallback when no candidate fits."""
