@@ -260,7 +260,7 @@ class EncoderCheckpoint:
 
 
 def _backbone_state(state: Any) -> Any:
-  """The `backbone` sub-state of a TCVM nnx.State (params or batch stats)."""
+  """The `backbone` sub-tree of a TCVM model's params or batch stats (dict or nnx.State)."""
   return state["backbone"]
 
 
@@ -268,7 +268,8 @@ def save_encoder(directory: str, params: Any, batch_stats: Any,
                  config: ml_collections.ConfigDict) -> str:
   """Writes the backbone of a TCVM train state to `directory` (replacing an older export).
 
-  `params` / `batch_stats` are the TCVM model's nnx.States; only `backbone` is kept.
+  `params` / `batch_stats`: the TCVM model's, nested dicts or nnx.States; only `backbone`
+  is kept.
   Every process must call this (orbax coordinates the write).
   """
   directory = os.path.abspath(directory)

@@ -163,6 +163,8 @@ def create_train_state(params: nnx.State, batch_stats: nnx.State,
                        optimizer: optax.GradientTransformation, mesh: Mesh, *,
                        seed: int) -> TrainState:
   """The pretraining state layout (step, params, batch_stats, opt_state, rng), replicated."""
+  # Plain dicts: a jitted call flattens them in C++ (tcvm_jax/train_step.py's TrainState).
+  params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
            "opt_state": optimizer.init(params), "rng": jax.random.key(seed)}
   return jax.device_put(state, mesh_lib.replicated_sharding(mesh))
@@ -186,7 +188,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
       logits = model(clips, dropout_key=dropout_key)
       loss = cross_entropy(logits, labels, label_smoothing)
-      return loss, (logits, nnx.state(model, nnx.BatchStat))
+      return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])

@@ -167,7 +167,8 @@ def build_frozen_encoder(source: EncoderSource, model_config: ml_collections.Con
     abstract.eval()
     graphdef, params, batch_stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
     params, batch_stats = load_backbone_weights(params, batch_stats, source.checkpoint)
-  state = {"params": params, "batch_stats": batch_stats}
+  # Plain dicts: a jitted call flattens them in C++ (tcvm_jax/train_step.py's TrainState).
+  state = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
   return graphdef, jax.device_put(state, mesh_lib.replicated_sharding(mesh))
 
 

@@ -1,9 +1,12 @@
 """The pretraining step as a pure function: montage -> encoder -> TC/OFC heads -> loss -> SGD.
 
-`TrainState` is a plain dict pytree so orbax saves it as it is:
+`TrainState` is a plain dict pytree of arrays, so orbax saves it as it is, and a jitted
+call flattens it in C++: with R3D50's ~450 nnx Variables in it (params, optimizer state,
+statistics) each call took ~5 ms of host time against ~1 ms as dicts (docs/performance.md).
+`nnx.merge` takes the dicts back inside the step.
   step        int32 scalar, the number of updates applied so far.
-  params      nnx.State of nnx.Param (float32).
-  batch_stats nnx.State of nnx.BatchStat (BatchNorm running averages).
+  params      nested dict of the model's nnx.Param values (float32), keyed like the module.
+  batch_stats nested dict of its nnx.BatchStat values (BatchNorm running averages).
   opt_state   optax state.
   rng         the run's base PRNG key; step keys are fold_in(rng, step), so a resumed run
               draws exactly the montage and augmentation it would have drawn.
@@ -40,10 +43,12 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 
 def abstract_model(config: ml_collections.ConfigDict):
-  """The model's graph definition and abstract state, without allocating parameters."""
+  """The model's graph definition and abstract params and batch statistics (nested dicts
+  of ShapeDtypeStructs, as in `TrainState`), without allocating parameters."""
   model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
   model.train()
-  return nnx.split(model, nnx.Param, nnx.BatchStat)
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh,
@@ -55,6 +60,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh,
     init_key, run_key = jax.random.split(seed_key)
     model = build_model(config, rngs=nnx.Rngs(init_key))
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -99,7 +105,7 @@ def make_update_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
       outputs = model(pseudo_videos)
       loss, metrics = pretraining_loss(outputs, source_ids, config.loss)
-      return loss, (metrics, nnx.state(model, nnx.BatchStat))
+      return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (metrics, batch_stats)), grads = grad_fn(state["params"])

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from benchmarks import ab_rounds, augment_variants, jax_step
+from benchmarks import ab_rounds, augment_variants, jax_step, state_dispatch
 from configs import pretrain
-from tcvm_jax import augment, host_memory
+from tcvm_jax import augment, host_memory, train_step
 from train_test_utils import (FAST_COMPILE_XLA_FLAGS, TINY_BENCHMARK_OVERRIDES,
                               tiny_benchmark_config)
 
@@ -240,3 +241,22 @@ def test_augment_variants_set_existing_fields_and_pick_a_clear_winner():
   assert augment_variants.winner(times, 0.05) == "jitter_pallas"
   assert augment_variants.winner(times, 0.12) is None
   assert augment_variants.winner({"default": 1.0, "blur_matmul": 1.2}, 0.05) is None
+
+def test_state_dispatch_compares_the_two_layouts_of_the_same_state(capsys):
+  # benchmarks/state_dispatch.py: the same leaves in both layouts, Variables in one only;
+  # the train step's state is the dict layout.
+  config = pretrain.get_config("demo")
+  states = state_dispatch.tiny_states(config)
+  leaves = {name: jax.tree.leaves(state) for name, state in states.items()}
+  assert len(leaves["nnx.State"]) == len(leaves["dict"]) > 100
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  assert any(map(is_variable, jax.tree.leaves(states["nnx.State"], is_leaf=is_variable)))
+  assert not any(map(is_variable, jax.tree.leaves(states["dict"], is_leaf=is_variable)))
+  _, params, batch_stats = train_step.abstract_model(config)
+  assert (jax.tree.structure(params), jax.tree.structure(batch_stats)) == (
+      jax.tree.structure(states["dict"]["params"]),
+      jax.tree.structure(states["dict"]["batch_stats"]))
+  assert state_dispatch.main(["--config=configs/pretrain.py:demo", "--calls=3",
+                              "--rounds=2"]) == 0
+  out = capsys.readouterr().out
+  assert f"{len(leaves['dict'])} leaves in the state; nnx.State / dict = " in out

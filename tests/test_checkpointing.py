@@ -70,6 +70,25 @@ def test_state_round_trip_is_exact(tmp_path):
   assert isinstance(restored["params"], nnx.State)
 
 
+def test_a_checkpoint_of_nnx_states_restores_into_plain_dicts(tmp_path):
+  # The trainers' states held nnx.States until 2026-11-27 and hold plain dicts since
+  # (tcvm_jax/train_step.py): both write the same paths, so older checkpoints still load.
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=1)
+  saved = _train_state(seed=3)
+  assert checkpointer.save(1, saved, {"batches_consumed": 1})
+  checkpointer.wait()
+  like = _train_state(seed=7)
+  like = jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x,
+                      like, is_leaf=lambda x: isinstance(x, nnx.State))
+  assert jax.tree.structure(like) != jax.tree.structure(saved)
+  restored, _ = checkpointer.restore(like)
+  checkpointer.close()
+  assert type(restored["params"]) is dict and type(restored["batch_stats"]) is dict
+  assert jax.tree.structure(restored) == jax.tree.structure(like)
+  for expected, actual in zip(_leaves(saved), _leaves(restored)):
+    np.testing.assert_array_equal(actual, expected)
+
+
 def test_schedule_keeps_latest_k_and_force_saves(tmp_path):
   checkpointer = checkpointing.Checkpointer(str(tmp_path), every_steps=2, keep=2)
   state = _train_state(seed=0)
