@@ -27,8 +27,10 @@
 # Pallas kernel; if a kernel takes the process down, again without the Pallas ones); its
 # fastest variant, if >= 5 % faster than the default, goes to the benchmark
 #                                        -> $OUT/augment.{log,json}, $OUT/augment_winner.txt
-# and the stem alone (benchmarks/stem_variants.py: its conv three ways, then the whole
-# stem in the pixel and the block layout)         -> $OUT/stem.log
+# the stem alone (benchmarks/stem_variants.py: its conv three ways, then the whole stem
+# in the pixel and the block layout)              -> $OUT/stem.log
+# and the host's time for one jitted call on the train state, as nnx.States and as the
+# plain dicts the step keeps (benchmarks/state_dispatch.py, ~10 s) -> $OUT/dispatch.log
 # More than 8 files come back from $OUT only inside an archive: call it as
 #   O=$OUT; OUT=/tmp/s bash scripts/gpu_session.sh; tar czf $O/all.tgz -C /tmp/s .
 # The winners are not made defaults here: that is a code change for the session that
@@ -103,6 +105,10 @@ levers() {
       --batch_size="$BATCH" --dtype=bfloat16 "${variants[@]}" --rounds="$ROUNDS" \
       --nocontrol --json="$OUT/options_ab.json"
 }
+
+say "=== dispatch"
+: > "$OUT/dispatch.log"
+run_logged 30 "$OUT/dispatch.log" "$PYTHON" benchmarks/state_dispatch.py --rounds=2 --calls=100
 
 say "=== levers (A/B, $ROUNDS rounds)"
 rm -f "$OUT/options_ab.json"
