@@ -27,10 +27,11 @@
 # Pallas kernel; if a kernel takes the process down, again without the Pallas ones); its
 # fastest variant, if >= 5 % faster than the default, goes to the benchmark
 #                                        -> $OUT/augment.{log,json}, $OUT/augment_winner.txt
-# the stem alone (benchmarks/stem_variants.py: its conv three ways, then the whole stem
-# in the pixel and the block layout)              -> $OUT/stem.log
-# and the host's time for one jitted call on the train state, as nnx.States and as the
-# plain dicts the step keeps (benchmarks/state_dispatch.py, ~10 s) -> $OUT/dispatch.log
+# and the stem alone (benchmarks/stem_variants.py: its conv three ways, then the whole
+# stem in the pixel and the block layout)         -> $OUT/stem.log
+# Last, if >= 12 s are left: the host's time for one jitted call on the train state, as
+# nnx.States and as the plain dicts the step keeps (benchmarks/state_dispatch.py, ~10 s)
+#                                                  -> $OUT/dispatch.log
 # More than 8 files come back from $OUT only inside an archive: call it as
 #   O=$OUT; OUT=/tmp/s bash scripts/gpu_session.sh; tar czf $O/all.tgz -C /tmp/s .
 # The winners are not made defaults here: that is a code change for the session that
@@ -106,10 +107,6 @@ levers() {
       --nocontrol --json="$OUT/options_ab.json"
 }
 
-say "=== dispatch"
-: > "$OUT/dispatch.log"
-run_logged 30 "$OUT/dispatch.log" "$PYTHON" benchmarks/state_dispatch.py --rounds=2 --calls=100
-
 say "=== levers (A/B, $ROUNDS rounds)"
 rm -f "$OUT/options_ab.json"
 : > "$OUT/options_ab.log"
@@ -167,4 +164,12 @@ timeout -k 5 $(( $(left) - 3 )) "$PYTHON" benchmarks/profile_step.py \
     --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
     --time_steps=5 --out="$OUT/profile" $WINNING_CONFIG_FLAGS 2>&1 | quiet | tail -45 \
     | tee "$OUT/profile.log"
+
+# Last, in what the profile left (it rarely needs all of its slot): nice to have.
+if (( $(left) >= 12 )); then
+  say "=== dispatch ($(left)s left)"
+  : > "$OUT/dispatch.log"
+  run_logged "$(left)" "$OUT/dispatch.log" "$PYTHON" benchmarks/state_dispatch.py \
+      --rounds=2 --calls=100
+fi
 say "done in $(elapsed)s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
