@@ -167,7 +167,8 @@ def evaluate(config: ml_collections.ConfigDict, source: retrieval.EncoderSource,
 def source_from_train_state(pretrain_config: ml_collections.ConfigDict, params: Any,
                             batch_stats: Any, description: str = "pretraining state"
                             ) -> retrieval.EncoderSource:
-  """An EncoderSource for the backbone of a TCVM train state (params / batch_stats States).
+  """An EncoderSource for the backbone of a TCVM train state's params / batch_stats (nested
+  dicts, as `train_step.TrainState` holds them, or nnx.States).
 
   Lets the pretraining loop probe its current encoder without exporting it first.
   """

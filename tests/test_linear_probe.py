@@ -9,6 +9,7 @@ import tempfile
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import linear_probe as probe_config
 from tcvm_jax import checkpointing
@@ -86,11 +87,17 @@ def test_in_memory_pretraining_state_probes_the_same_encoder_as_its_export(pretr
   assert from_state.mean == from_export.mean
   _, state_a = retrieval.build_frozen_encoder(from_state, demo.model, mesh, seed=0)
   _, state_b = retrieval.build_frozen_encoder(from_export, demo.model, mesh, seed=0)
+  # The pretraining loop's state holds plain dicts (train_step.TrainState): the same.
+  from_dicts = linear_probe.source_from_train_state(config, nnx.to_pure_dict(params),
+                                                    nnx.to_pure_dict(batch_stats))
+  _, state_c = retrieval.build_frozen_encoder(from_dicts, demo.model, mesh, seed=0)
   flat_a = checkpointing.flatten_by_path(state_a)
   flat_b = checkpointing.flatten_by_path(state_b)
-  assert flat_a.keys() == flat_b.keys() and len(flat_a) > 20
+  flat_c = checkpointing.flatten_by_path(state_c)
+  assert flat_a.keys() == flat_b.keys() == flat_c.keys() and len(flat_a) > 20
   for key in flat_a:
     np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]))
+    np.testing.assert_array_equal(np.asarray(flat_c[key]), np.asarray(flat_b[key]))
 
 
 def test_demo_preset_end_to_end(pretraining_state, tmp_path):
