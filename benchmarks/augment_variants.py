@@ -46,8 +46,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from benchmarks import ab_rounds, jax_step  # pylint: disable=g-import-not-at-top
-from configs import pretrain  # pylint: disable=g-import-not-at-top
-from tcvm_jax import augment  # pylint: disable=g-import-not-at-top
+from tcvm_jax import augment, config_files  # pylint: disable=g-import-not-at-top
 
 DEFAULT = "default"
 # name -> overrides of config.augment; the order is the order they are timed in.
@@ -85,8 +84,7 @@ def main(argv=None) -> int:
   left_out = {name for name in args.without.split(",") if name}
   if left_out - set(VARIANTS) or DEFAULT in left_out:
     parser.error(f"--without={args.without!r}: choose among {sorted(set(VARIANTS) - {DEFAULT})}")
-  _, _, preset = args.config.partition(":")
-  config = pretrain.get_config(preset)
+  config = config_files.load_config(args.config)
   num_clips = args.batch_size * config.montage.num_clips
   length = config.data.num_frames // config.montage.num_clips
   size, out_size = config.data.input_size, config.montage.output_size

@@ -30,8 +30,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
-from configs import pretrain  # pylint: disable=g-import-not-at-top
-from tcvm_jax import model as model_lib, optim  # pylint: disable=g-import-not-at-top
+from benchmarks import ab_rounds  # pylint: disable=g-import-not-at-top
+from tcvm_jax import config_files, optim  # pylint: disable=g-import-not-at-top
+from tcvm_jax import model as model_lib  # pylint: disable=g-import-not-at-top
 
 
 def tiny_states(config) -> dict[str, dict]:
@@ -62,16 +63,14 @@ def main(argv=None) -> int:
   parser.add_argument("--calls", type=int, default=200, help="Calls per round.")
   parser.add_argument("--rounds", type=int, default=6, help="Alternating rounds.")
   args = parser.parse_args(argv)
-  _, _, preset = args.config.partition(":")
-  config = pretrain.get_config(preset)
+  config = config_files.load_config(args.config)
   states = tiny_states(config)
   step = jax.jit(add_one, donate_argnums=0)
   per_round: dict[str, list[float]] = {name: [] for name in states}
   for name in states:
     states[name] = jax.block_until_ready(step(states[name]))  # compile
   for round_index in range(args.rounds):
-    names = list(states) if round_index % 2 == 0 else list(reversed(states))
-    for name in names:
+    for name in ab_rounds.round_order(list(states), round_index):
       state = states[name]
       start = time.perf_counter()
       for _ in range(args.calls):

@@ -28,7 +28,7 @@ import torch  # pylint: disable=g-import-not-at-top
 import benchmarks  # pylint: disable=g-import-not-at-top
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
 from benchmarks.trace_summary import kernel_category  # pylint: disable=g-import-not-at-top
-from tcvm_jax import train  # pylint: disable=g-import-not-at-top
+from tcvm_jax import config_files  # pylint: disable=g-import-not-at-top
 
 
 def main(argv=None) -> int:
@@ -43,8 +43,7 @@ def main(argv=None) -> int:
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
-  path, _, preset = args.config.partition(":")
-  config = train.load_config_file(path, preset)
+  config = config_files.load_config(args.config)
   config.batch_size = args.batch_size
   spec = torch_reference.ReferenceSpec(**benchmarks.torch_reference_spec(config))
   step = torch_reference.build_train_step(spec, batch_size=args.batch_size, dtype=args.dtype,

@@ -37,7 +37,6 @@ synthetic records (32-48 frames of 160x128) flatter the pipeline.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -50,20 +49,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from tcvm_jax.config_files import load_config  # pylint: disable=g-import-not-at-top
 from tcvm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from tcvm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
 DATA_FIELDS = (("num_frames", int), ("frame_stride", int), ("input_size", int),
                ("sampler", str), ("short_video", str), ("shuffle_buffer", int))
-
-
-def load_config(spec: str):
-  """'path/to/config.py[:preset]' -> config (as ml_collections' config_flags does)."""
-  path, _, preset = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("throughput_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ from absl import logging
 
 from tcvm_jax import checkpointing
 from tcvm_jax import config_validation
+from tcvm_jax.config_files import load_config_file
 from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import metrics as metrics_lib
 from tcvm_jax import optim
@@ -417,19 +418,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Wrote %s (step %d, loss %.4f).", path, step,
                  step_metrics.last.get("loss", math.nan))
   return results
-
-
-def load_config_file(path: str, preset: str = "") -> ml_collections.ConfigDict:
-  """`get_config(preset)` of a config file; relative paths are tried from the working
-  directory, then from the repository root (where `configs/` lives)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  if not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
-  spec = importlib.util.spec_from_file_location(
-      "_tcvm_config_" + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
 
 
 def retrieval_preset(config: ml_collections.ConfigDict) -> str:

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from configs import pretrain
+from configs import pretrain, retrieval
+from tcvm_jax import config_files
 from tcvm_jax.config_validation import ConfigError, validate_config
 from train_test_utils import REPO_ROOT, set_field, subprocess_env
 
@@ -153,3 +154,16 @@ def test_unknown_preset_and_unknown_field_fail_on_the_command_line(tmp_path):
     else:
       assert "config.model.tc_k=2.0: must lie in [0.0, 1.0]" in process.stderr
   assert not os.path.exists(tmp_path / "checkpoints")  # nothing started
+
+
+def test_config_files_load_the_named_file_and_its_preset(tmp_path, monkeypatch):
+  # tcvm_jax.config_files: what the scripts with their own arguments load configs with.
+  assert (config_files.load_config("configs/retrieval.py:demo").to_dict()
+          == retrieval.get_config("demo").to_dict())
+  assert (config_files.load_config("configs/pretrain.py").to_dict()
+          == pretrain.get_config().to_dict())
+  monkeypatch.chdir(tmp_path)  # relative paths are found from the repository root too
+  assert (config_files.load_config("configs/pretrain.py:tsm50").to_dict()
+          == pretrain.get_config("tsm50").to_dict())
+  with pytest.raises(FileNotFoundError):
+    config_files.load_config("configs/no_such_config.py")
