@@ -96,11 +96,12 @@ def main(argv=None) -> int:
   on_gpu = jax.default_backend() == "gpu"
   device = jax.devices()[0].device_kind
   functions, programs, outputs, skipped, failed = {}, {}, {}, [], {}
-  for name, overrides in VARIANTS.items():
+  computes = {name: augment.compute_options(config.augment, **overrides)
+              for name, overrides in VARIANTS.items()}
+  for name, compute in computes.items():
     if name in left_out:
       skipped.append(name)
       continue
-    compute = augment.compute_options(config.augment, **overrides)
     if compute.jitter_kernel == "pallas" and not on_gpu:
       skipped.append(name)
       print(f"{name}: not timed on {device} (the XLA form off CUDA)", flush=True)
@@ -134,8 +135,7 @@ def main(argv=None) -> int:
   errors = {name: (float(jnp.abs(outputs[name] - reference).max())
                    if reference is not None else math.nan) for name in times}
   for name in times:
-    compute = augment.compute_options(config.augment, **VARIANTS[name])
-    settings = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(compute).items())
+    settings = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(computes[name]).items())
     print(f"{name:<26} {times[name] * 1e3:8.3f} ms  x{times[name] / reference_time:.3f}  "
           f"max |out - default| {errors[name]:.4f}  ({settings})", flush=True)
   print(f"on {device}: {num_clips} clips of {length} x {size}^2 -> {out_size}^2, median "
