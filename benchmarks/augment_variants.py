@@ -7,14 +7,19 @@ blur along H, and the colour jitter as XLA passes or one fused Pallas kernel.
 `augment.augment_clips` on the step's clips (batch_size x montage.num_clips clips of
 T / s frames at data.input_size, to montage.output_size, bfloat16 output as the bf16
 step). Variants, each a set of `config.augment` overrides of the defaults:
-  default           the config's fields ('auto': bfloat16 planes on CUDA, float32 else)
-  planes_float32    / planes_bfloat16: the planes between passes (`plane_dtype`)
-  blur_matmul       the blur along H as one (S, S) matmul, not 11 taps (`blur_rows`)
-  jitter_pallas     jitter + grayscale as one kernel (`jitter_kernel`, tcvm_jax/jitter_kernel.py)
-  jitter_pallas_blur_matmul  both
-The Pallas variants are timed on GPUs only (elsewhere 'pallas' runs the XLA form).
-On the H200 bfloat16 planes took the augmentation from 2.61 to 1.61 ms (the CUDA default
-since); the padded copies were 0.37 ms of the float32 montage (docs/performance.md).
+  default           the config's fields ('auto': `augment.AUTO_ON_CUDA` on CUDA, bfloat16
+                    planes, the blur's matmul and the Pallas jitter; `AUTO_ELSEWHERE`
+                    elsewhere: float32, taps, XLA)
+  planes_float32    the planes between passes in float32 (`plane_dtype`)
+  blur_taps         / blur_matmul: the blur along H as 11 taps / one (S, S) matmul
+                    (`blur_rows`)
+  jitter_xla        / jitter_pallas: jitter + grayscale as XLA passes / one kernel
+                    (`jitter_kernel`, tcvm_jax/jitter_kernel.py)
+  none              float32, taps and XLA: the augmentation before any of them
+On CUDA the first of each pair is the default less one of its choices; elsewhere the
+second is the one that differs (the others compile to the default's program and are not
+timed). 'pallas' is timed on GPUs only (elsewhere it runs the XLA form). On the H200
+(2026-11-27): default 0.87 ms, none 2.49 ms for the paper's batch (docs/performance.md).
 
 Compiled first; a variant whose program is the default's is not timed again. Then
 --rounds alternating rounds (listed order, reversed) of --steps calls each: each time is
@@ -53,11 +58,13 @@ DEFAULT = "default"
 VARIANTS = {
     DEFAULT: {},
     "planes_float32": {"plane_dtype": "float32"},
-    "planes_bfloat16": {"plane_dtype": "bfloat16"},
+    "blur_taps": {"blur_rows": "taps"},
     "blur_matmul": {"blur_rows": "matmul"},
+    "jitter_xla": {"jitter_kernel": "xla"},
     "jitter_pallas": {"jitter_kernel": "pallas"},
-    "jitter_pallas_blur_matmul": {"jitter_kernel": "pallas", "blur_rows": "matmul"},
+    "none": {"plane_dtype": "float32", "blur_rows": "taps", "jitter_kernel": "xla"},
 }
+
 def winner(times: dict[str, float], min_gain: float) -> str | None:
   """The fastest variant if it beats 'default' by at least `min_gain`, else None."""
   best = min(times, key=times.get)

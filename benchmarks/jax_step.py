@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from tcvm_jax import flat_state
 from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import montage as montage_lib
 from tcvm_jax import optim
@@ -108,7 +109,16 @@ def collective_bytes(hlo_text: str | None) -> dict[str, dict[str, int]]:
 
 def forward_macs_per_video(config: ml_collections.ConfigDict) -> dict[str, int]:
   """Forward MACs per pseudo-video of the backbone and of the whole model (+ TC, OFC heads),
-  counted from their jaxprs (nothing is compiled or allocated)."""
+  counted from their jaxprs (nothing is compiled or allocated).
+
+  The model's arithmetic, whatever layout computes it: counted with the stem in the pixel
+  layout. The block layout (`model.stem_layout='blocks'`, and 'auto' on CUDA, which
+  `count_macs` resolves to its cheapest form) multiplies by zero taps too (2.9x the stem
+  conv's MACs, +4 % on R3D50): work it does, not the model's, so MFU must not count it
+  (the H200 figures of 2026-11-27's first run, with 'blocks' set, did: see
+  docs/performance.md)."""
+  config = config.copy_and_resolve_references()
+  config.model.stem_layout = "pixels"
   graphdef, params, batch_stats = train_step_lib.abstract_model(config)
   size = config.montage.output_size
   frames, clips = config.data.num_frames, config.montage.num_clips
@@ -193,6 +203,9 @@ class CompiledStep:
     optimizer, schedule = optim.create_optimizer(config, steps_per_epoch=1000,
                                                  num_train_steps=100_000)
     graphdef, self.state = train_step_lib.create_train_state(config, self.mesh, optimizer)
+    # The state as the training loop carries it (config.state_layout).
+    layout = (flat_state.FlatLayout.of(self.state)
+              if config.get("state_layout", "flat") == "flat" else None)
     self.videos = synthetic_videos(config, self.mesh, config.batch_size, seed=config.seed)
     # As the training loop compiles it; `compiler_options` add to these or override them.
     workarounds = xla_options.for_mesh(config.model.backbone, self.mesh)
@@ -203,12 +216,14 @@ class CompiledStep:
                             jax.random.fold_in(self.state["rng"], self.state["step"]))
       step_fn = train_step_lib.jit_train_step(
           train_step_lib.make_update_step(config, graphdef, optimizer, schedule), self.mesh,
-          num_batch_args=2, compiler_options=workarounds)
+          num_batch_args=2, compiler_options=workarounds, layout=layout)
     else:
       self.inputs = (self.videos,)
       step_fn = train_step_lib.jit_train_step(
           train_step_lib.make_train_step(config, graphdef, self.mesh, optimizer, schedule),
-          self.mesh, compiler_options=workarounds)
+          self.mesh, compiler_options=workarounds, layout=layout)
+    if layout is not None:
+      self.state = layout.jit_flatten(mesh_lib.replicated_sharding(self.mesh))(self.state)
     start = time.perf_counter()
     self.compiled = step_fn.lower(self.state, *self.inputs).compile(
         compiler_options=compiler_options)

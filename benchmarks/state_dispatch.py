@@ -1,4 +1,4 @@
-r"""Host time of one jitted call on the pretraining state: nnx.States against plain dicts.
+r"""Host time of one jitted call on the pretraining state: nnx.States, plain dicts, flat.
 
   python benchmarks/state_dispatch.py [--config=configs/pretrain.py[:preset]] \
       [--calls=200] [--rounds=6]
@@ -10,8 +10,10 @@ nnx.States each parameter is an nnx Variable, flattened through Python; as plain
 Both layouts are built from the config's model with every leaf cut to one element, so
 the device work is nil and what is timed is the host's part of a call: the same count
 of leaves and the same tree shape as the real step. The call adds one to each leaf, with
-the state donated, as the step does. Rounds alternate the two layouts' order. Prints the
-median per-call time of each layout and their ratio.
+the state donated, as the step does. 'flat' is the dicts packed into one buffer per dtype
+(`tcvm_jax/flat_state.py`, config.state_layout 'flat': what the training loop carries
+since 2026-11-27); its call unpacks, adds and packs as the real step does. Rounds
+alternate the layouts' order. Prints the median per-call time of each layout and ratios.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
 from benchmarks import ab_rounds  # pylint: disable=g-import-not-at-top
-from tcvm_jax import config_files, optim  # pylint: disable=g-import-not-at-top
+from tcvm_jax import config_files, flat_state, optim  # pylint: disable=g-import-not-at-top
 from tcvm_jax import model as model_lib  # pylint: disable=g-import-not-at-top
 
 
@@ -65,16 +67,24 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   config = config_files.load_config(args.config)
   states = tiny_states(config)
-  step = jax.jit(add_one, donate_argnums=0)
+  layout = flat_state.FlatLayout.of(states["dict"])
+  states["flat"] = layout.flatten(tiny_states(config)["dict"])  # its own arrays (donated)
+  steps = {"nnx.State": jax.jit(add_one, donate_argnums=0),
+           "dict": jax.jit(add_one, donate_argnums=0),
+           "flat": jax.jit(flat_state.flat_step(lambda s: (add_one(s), {}), layout),
+                           donate_argnums=0)}
   per_round: dict[str, list[float]] = {name: [] for name in states}
+  def call(name, state):
+    return steps[name](state)[0] if name == "flat" else steps[name](state)
+
   for name in states:
-    states[name] = jax.block_until_ready(step(states[name]))  # compile
+    states[name] = jax.block_until_ready(call(name, states[name]))  # compile
   for round_index in range(args.rounds):
     for name in ab_rounds.round_order(list(states), round_index):
       state = states[name]
       start = time.perf_counter()
       for _ in range(args.calls):
-        state = step(state)
+        state = call(name, state)
       states[name] = jax.block_until_ready(state)
       per_round[name].append((time.perf_counter() - start) / args.calls)
   leaves = len(jax.tree.leaves(states["dict"]))
@@ -82,8 +92,9 @@ def main(argv=None) -> int:
   for name, seconds in times.items():
     print(f"{name:<10} {seconds * 1e3:7.3f} ms per call  (rounds: "
           f"{', '.join(f'{value * 1e3:.2f}' for value in per_round[name])})")
-  print(f"{config.model.backbone}: {leaves} leaves in the state; nnx.State / dict = "
-        f"{times['nnx.State'] / times['dict']:.2f}x, on {jax.devices()[0].device_kind}")
+  print(f"{config.model.backbone}: {leaves} leaves in the state, {len(states['flat'])} "
+        f"flat; nnx.State / dict = {times['nnx.State'] / times['dict']:.2f}x, dict / flat "
+        f"= {times['dict'] / times['flat']:.2f}x, on {jax.devices()[0].device_kind}")
   return 0
 
 

@@ -67,16 +67,20 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   aug.blur_sigma = (0.1, 2.0)       # in pixels of a 224 px image, scaled to output_size.
   aug.mean = (0.485, 0.456, 0.406)  # ImageNet normalisation after augmentation.
   aug.std = (0.229, 0.224, 0.225)
-  # The augmentation's planes between its passes: 'float32', 'bfloat16' (half the bytes per
-  # pass; each pass still computes in float32), 'auto' = bfloat16 on CUDA (2.61 -> 1.61 ms
-  # on an H200 at the paper's batch), float32 elsewhere (bfloat16 is slower on CPU).
+  # How the augmentation computes (never what: the same augmentation up to rounding). Each
+  # 'auto' takes augment.AUTO_ON_CUDA on CUDA, AUTO_ELSEWHERE elsewhere; on an H200 the
+  # three CUDA choices together took the paper's batch from 2.49 to 0.87 ms.
+  # The planes between its passes: 'float32', 'bfloat16' (half the bytes per pass; each
+  # pass still computes in float32); 'auto' = bfloat16 on CUDA (2.49 -> 1.70 ms), float32
+  # elsewhere (bfloat16 is slower on CPU).
   aug.plane_dtype = "auto"
   # The blur along H: 'taps' (11 shifted multiply-adds over a reflect-padded copy) or
-  # 'matmul' (a (S, S) filter, no padded copy): to measure on a GPU (gpu_session.sh).
-  aug.blur_rows = "taps"
+  # 'matmul' (a (S, S) filter, no padded copy); 'auto' = matmul on CUDA (1.70 -> 1.33 ms),
+  # taps elsewhere.
+  aug.blur_rows = "auto"
   # The colour jitter and grayscale: 'xla' (~20 passes over the planes), 'pallas' (on CUDA
-  # one fused kernel, `tcvm_jax/jitter_kernel.py`; the XLA form elsewhere), 'auto' = 'xla'
-  # until a GPU run measures both (scripts/gpu_session.sh).
+  # one fused kernel, `tcvm_jax/jitter_kernel.py`; the XLA form elsewhere); 'auto' =
+  # pallas on CUDA (1.70 -> 1.19 ms), xla elsewhere.
   aug.jitter_kernel = "auto"
 
   # --- Model -----------------------------------------------------------------
@@ -125,6 +129,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.num_epochs = 200
   config.num_train_steps = -1       # -1: derived from num_epochs and the dataset size.
   config.seed = 0
+  # How the train state crosses the jitted step's boundary: 'flat' (one buffer per dtype,
+  # tcvm_jax/flat_state.py: a handful of leaves, ~2.5 ms less host time per call than
+  # 'tree' on the H200 machine) or 'tree' (its ~450 arrays as they are).
+  config.state_layout = "flat"
 
   # --- Bookkeeping -----------------------------------------------------------
   config.log_every_steps = 50

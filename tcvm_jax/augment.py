@@ -59,15 +59,24 @@ OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 # per platform (`augment_clips`).
 PLANE_DTYPES = ("float32", "bfloat16")
 PLANE_DTYPE_CHOICES = ("auto",) + PLANE_DTYPES
-# How the blur filters along H (`augment.blur_rows`, `_blur_planes`).
+# How the blur filters along H (`augment.blur_rows`, `_blur_planes`); 'auto' picks per
+# platform (`ComputeOptions.resolved`).
 BLUR_ROWS = ("taps", "matmul")
+BLUR_ROWS_CHOICES = ("auto",) + BLUR_ROWS
 # How the colour jitter and grayscale run (`augment.jitter_kernel`): XLA passes, or one
-# fused Pallas kernel (`jitter_kernel`). 'auto' is 'xla' until a GPU run measures both.
+# fused Pallas kernel (`jitter_kernel`); 'auto' picks per platform.
 JITTER_KERNELS = ("xla", "pallas")
 JITTER_KERNEL_CHOICES = ("auto",) + JITTER_KERNELS
 # The switches that say how the augmentation computes, not what (`ComputeOptions`).
-COMPUTE_CHOICES = {"plane_dtype": PLANE_DTYPE_CHOICES, "blur_rows": BLUR_ROWS,
+COMPUTE_CHOICES = {"plane_dtype": PLANE_DTYPE_CHOICES, "blur_rows": BLUR_ROWS_CHOICES,
                    "jitter_kernel": JITTER_KERNEL_CHOICES}
+# What 'auto' means on CUDA and elsewhere. On an H200 (2026-11-27, the paper's batch: 128
+# clips of 8 x 128^2 -> 112^2, benchmarks/augment_variants.py) bfloat16 planes took 1.70
+# ms against 2.49 in float32; then the blur's matmul 1.33 ms, the Pallas jitter 1.19 ms,
+# both 0.87 ms. On the CPU float32 and the XLA passes were faster (docs/performance.md);
+# TPU takes those until measured there.
+AUTO_ON_CUDA = {"plane_dtype": "bfloat16", "blur_rows": "matmul", "jitter_kernel": "pallas"}
+AUTO_ELSEWHERE = {"plane_dtype": "float32", "blur_rows": "taps", "jitter_kernel": "xla"}
 _HIGHEST = jax.lax.Precision.HIGHEST  # exact uint8 values through the one-hot matrices.
 
 
@@ -97,14 +106,14 @@ class ComputeOptions:
   to rounding. From `config.augment` by `compute_options`; 'auto' picks per platform.
 
   plane_dtype: the planes' dtype between the passes, `PLANE_DTYPE_CHOICES` or a dtype.
-  'auto': bfloat16 on CUDA in `augment_clips` (measured faster on an H200), float32
-  elsewhere and in `apply_augment`.
-  blur_rows: how the blur filters along H, `BLUR_ROWS` (`_blur_planes`).
+  blur_rows: how the blur filters along H, `BLUR_ROWS_CHOICES` (`_blur_planes`).
   jitter_kernel: how the colour jitter and grayscale run, `JITTER_KERNEL_CHOICES`
-  (`_jitter_and_gray`); 'auto' is 'xla' until a GPU run has timed both.
+  (`_jitter_and_gray`).
+  'auto' (each field's default): `AUTO_ON_CUDA` in `augment_clips` on CUDA (each measured
+  faster on an H200), `AUTO_ELSEWHERE` elsewhere and in `apply_augment` called directly.
   """
   plane_dtype: str = "auto"
-  blur_rows: str = "taps"
+  blur_rows: str = "auto"
   jitter_kernel: str = "auto"
 
   def __post_init__(self):
@@ -115,11 +124,19 @@ class ComputeOptions:
       if value not in choices:
         raise ValueError(f"augment.{name}={value!r}; choose from {choices}.")
 
+  @property
+  def has_auto(self) -> bool:
+    return any(getattr(self, name) == "auto" for name in COMPUTE_CHOICES)
+
+  def resolved(self, on_cuda: bool = False) -> ComputeOptions:
+    """Every 'auto' replaced by its choice on CUDA (`on_cuda`) or elsewhere."""
+    auto = AUTO_ON_CUDA if on_cuda else AUTO_ELSEWHERE
+    return ComputeOptions(**{name: auto[name] if getattr(self, name) == "auto"
+                             else getattr(self, name) for name in COMPUTE_CHOICES})
+
   def planes_dtype(self, on_cuda: bool = False) -> jnp.dtype:
     """The planes' dtype, 'auto' resolved for CUDA (`on_cuda`) or elsewhere."""
-    if self.plane_dtype == "auto":
-      return jnp.dtype(jnp.bfloat16 if on_cuda else jnp.float32)
-    return jnp.dtype(self.plane_dtype)
+    return jnp.dtype(self.resolved(on_cuda).plane_dtype)
 
 
 def compute_options(aug_config: Any, **overrides: str) -> ComputeOptions:
@@ -587,9 +604,9 @@ _INTERPRET_KERNEL_OFF_CUDA = False
 def _jitter_and_gray(params: AugmentParams, planes: jax.Array, kernel: str = "xla"
                      ) -> jax.Array:
   """Steps 2-3 on a clip's RGB planes (3, L, S, S): colour jitter if `params.jitter`, then
-  grayscale if `params.grayscale`. kernel: 'xla' or 'auto' (`_jitter_planes`: ~20 passes
-  over the planes), or 'pallas': on CUDA one fused kernel (`jitter_kernel`, the same
-  maths in float32), elsewhere the XLA form."""
+  grayscale if `params.grayscale`. kernel: 'xla' (`_jitter_planes`: ~20 passes over the
+  planes), or 'pallas': on CUDA one fused kernel (`jitter_kernel`, the same maths in
+  float32), elsewhere the XLA form. ('auto' is resolved before: `ComputeOptions`.)"""
 
   def xla_form(planes, _=None):
     rgb = (planes[0], planes[1], planes[2])
@@ -617,12 +634,14 @@ def apply_augment(params: AugmentParams, clip: jax.Array, dtype: Any = jnp.float
                   compute: ComputeOptions = ComputeOptions()) -> jax.Array:
   """(L, H, W, 3) uint8 -> (L, S, S, 3) normalised `dtype`, one parameter set for all frames.
 
-  `compute` (`ComputeOptions`): how, not what. Its `plane_dtype` is the planes' dtype from
-  the resampling to the normalisation: float32 (here 'auto'; the step's on CPU); bfloat16
-  halves the bytes every pass moves, which is what the GPU's montage time is made of
+  `compute` (`ComputeOptions`): how, not what; 'auto' here is `AUTO_ELSEWHERE` (the
+  choice per platform is `augment_clips`'s). Its `plane_dtype` is the planes' dtype from
+  the resampling to the normalisation: float32 (the step's on CPU); bfloat16 halves the
+  bytes every pass moves, which is what the GPU's montage time is made of
   (docs/performance.md), for ~3 significant digits (8-bit input has ~2.4): the step's on
   CUDA (`augment_clips`).
   """
+  compute = compute.resolved(on_cuda=False)
   if clip.ndim != 4 or clip.shape[-1] != 3:
     raise ValueError(f"Expected a clip (L, H, W, 3), got shape {clip.shape}.")
   if clip.dtype != jnp.uint8:
@@ -650,10 +669,10 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
   """A batch of clips at once: (K, L, H, W, 3) uint8, params with leaves (K, ...) ->
   (K, L, S, S, 3) `dtype`.
 
-  `compute.plane_dtype`: the planes' dtype (`apply_augment`); 'auto' is bfloat16 on CUDA,
-  where it cut the augmentation of the paper's batch from 2.61 to 1.61 ms on an H200
-  (benchmarks/augment_variants.py), float32 elsewhere (slower in bfloat16 on the CPU; not
-  measured on TPU).
+  `compute` (`ComputeOptions`): how, not what. Its 'auto' fields take `AUTO_ON_CUDA` on
+  CUDA (bfloat16 planes, the blur's matmul and the Pallas jitter: the paper's batch in
+  0.87 ms against 2.49 ms with none of them on an H200, benchmarks/augment_variants.py),
+  `AUTO_ELSEWHERE` on other platforms.
 
   One vmapped program: the resampling and blur become batched matmuls / fused
   elementwise passes over all K clips, with no per-clip loop. On CPU the clips go in
@@ -666,10 +685,10 @@ def augment_clips(params: AugmentParams, clips: jax.Array, dtype: Any = jnp.floa
   if clips.ndim != 5 or clips.shape[-1] != 3:
     raise ValueError(f"Expected clips (K, L, H, W, 3), got shape {clips.shape}.")
 
-  auto = compute.plane_dtype == "auto"
+  auto = compute.has_auto
 
   def batched(params, clips, on_cuda=False):
-    resolved = dataclasses.replace(compute, plane_dtype=compute.planes_dtype(on_cuda).name)
+    resolved = compute.resolved(on_cuda)
     return jax.vmap(lambda p, c: apply_augment(p, c, dtype, resolved))(params, clips)
 
   num_clips, clip_len, height, width, _ = clips.shape

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from tcvm_jax import augment, backbones, layers, losses, montage, optim, stem
+from tcvm_jax import augment, backbones, flat_state, layers, losses, montage, optim, stem
 
 # 'random': uint8 noise videos made on the fly (tests, benchmarks; no files needed).
 DATA_NAMES = ("tfrecord", "synthetic", "random")
@@ -234,6 +234,8 @@ def _validate_loss(config) -> None:
 
 
 def _validate_optimization(config, num_devices: int | None, num_processes: int) -> None:
+  if "state_layout" in config:
+    check_choice(config, "state_layout", flat_state.STATE_LAYOUTS)
   batch_size = check_int(config, "batch_size", 1)
   if num_devices is not None and batch_size % num_devices:
     _fail("batch_size", batch_size,

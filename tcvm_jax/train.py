@@ -36,6 +36,7 @@ from absl import logging
 
 from tcvm_jax import checkpointing
 from tcvm_jax import config_validation
+from tcvm_jax import flat_state
 from tcvm_jax.config_files import load_config_file
 from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import metrics as metrics_lib
@@ -301,9 +302,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                train_input.num_videos, steps_per_epoch, num_train_steps)
   optimizer, schedule = optim.create_optimizer(config, steps_per_epoch, num_train_steps)
   graphdef, state = train_step_lib.create_train_state(config, mesh, optimizer)
+  # The loop carries the state in its flat form (config.state_layout 'flat', the default:
+  # less host time per step) and rebuilds the tree only to save or export it.
+  layout = (flat_state.FlatLayout.of(state)
+            if config.get("state_layout", "flat") == "flat" else None)
   step_fn = train_step_lib.jit_train_step(
       train_step_lib.make_train_step(config, graphdef, mesh, optimizer, schedule), mesh,
-      compiler_options=xla_options.for_mesh(config.model.backbone, mesh))
+      compiler_options=xla_options.for_mesh(config.model.backbone, mesh), layout=layout)
+  replicated = mesh_lib.replicated_sharding(mesh)
+  to_carried = layout.jit_flatten(replicated) if layout else (lambda tree: tree)
+  to_tree = layout.jit_unflatten(replicated) if layout else (lambda carried: carried)
 
   writer = metrics_lib.create_writer(workdir, is_primary=jax.process_index() == 0)
   checkpointer = checkpointing.Checkpointer(
@@ -320,6 +328,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       logging.info("Resumed from the checkpoint at step %d (%d batches consumed).",
                    resumed_from, batches_consumed)
     step = int(jax.device_get(state["step"]))
+    state = to_carried(state)  # what step_fn takes and returns
 
     def stop_on_non_finite(bad_step: int, bad: dict[str, float]) -> None:
       checkpointer.wait()  # what was saved before is complete, and nothing more is saved
@@ -386,7 +395,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
           data_position = {"batches_consumed": batches_consumed,
                            "global_batch_size": config.batch_size, "seed": config.seed,
                            "last_metrics": step_metrics.last}
-          checkpointer.save(step, state, data_position, force=preempted or is_last)
+          checkpointer.save(step, to_tree(state), data_position, force=preempted or is_last)
       if preempted:
         checkpointer.wait()
         logging.warning("Preempted: the checkpoint at step %d is saved; stopping.", step)
@@ -395,6 +404,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     checkpointer.wait()
 
     if not preempted:
+      state = to_tree(state)
       checkpointing.save_encoder(os.path.join(workdir, checkpointing.ENCODER_DIRNAME),
                                  state["params"], state["batch_stats"], config)
   finally:

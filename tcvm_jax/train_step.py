@@ -3,7 +3,9 @@
 `TrainState` is a plain dict pytree of arrays, so orbax saves it as it is, and a jitted
 call flattens it in C++: with R3D50's ~450 nnx Variables in it (params, optimizer state,
 statistics) each call took ~5 ms of host time against ~1 ms as dicts (docs/performance.md).
-`nnx.merge` takes the dicts back inside the step.
+`nnx.merge` takes the dicts back inside the step. Between steps the training loop and
+the benchmark carry it flatter still, one buffer per dtype (`flat_state.py`,
+`config.state_layout`; `jit_train_step(..., layout=...)`).
   step        int32 scalar, the number of updates applied so far.
   params      nested dict of the model's nnx.Param values (float32), keyed like the module.
   batch_stats nested dict of its nnx.BatchStat values (BatchNorm running averages).
@@ -29,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from tcvm_jax import losses, mesh as mesh_lib, montage as montage_lib, optim
+from tcvm_jax import flat_state, losses, mesh as mesh_lib, montage as montage_lib, optim
 from tcvm_jax.model import build_model
 
 TrainState = dict[str, Any]
@@ -138,11 +140,16 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
 
 
 def jit_train_step(train_step, mesh: Mesh, donate: bool = True, num_batch_args: int = 1,
-                   compiler_options: dict[str, Any] | None = None):
+                   compiler_options: dict[str, Any] | None = None,
+                   layout: flat_state.FlatLayout | None = None):
   """Jits the step: state replicated (and donated), the `num_batch_args` arguments after
   it (videos; or pseudo-videos and source ids for `make_update_step`) sharded over
-  `data`. `compiler_options`: XLA's (`xla_options.for_mesh`)."""
+  `data`. `compiler_options`: XLA's (`xla_options.for_mesh`). With a `layout` the jitted
+  step takes and returns the state in its flat form (`flat_state.py`: a few buffers
+  instead of ~450 leaves, less host time per call)."""
   replicated = mesh_lib.replicated_sharding(mesh)
+  if layout is not None:
+    train_step = flat_state.flat_step(train_step, layout)
   return jax.jit(train_step,
                  in_shardings=(replicated,) + (mesh_lib.batch_sharding(mesh),) * num_batch_args,
                  out_shardings=(replicated, replicated),

@@ -336,7 +336,7 @@ def test_augment_clips_batch_equals_clip_by_clip(chunk_clips, monkeypatch):
   if chunk_clips:
     monkeypatch.setattr(augment, "CPU_AUGMENT_CHUNK_PIXELS", chunk_clips * 2 * 16 * 16)
   augment_clips = lambda p, c: augment.augment_clips(
-      p, c, jnp.float32, augment.ComputeOptions(plane_dtype="float32"))  # no cache
+      p, c, jnp.float32, augment.ComputeOptions("float32", "taps", "xla"))  # none 'auto'
   jaxpr = str(jax.make_jaxpr(augment_clips)(params, clips))
   assert ("platform_index" in jaxpr) == bool(chunk_clips)
   batched = np.asarray(jax.jit(augment_clips)(params, clips))
@@ -477,6 +477,14 @@ def test_compute_options_read_the_config_and_name_a_bad_switch():
   assert augment.ComputeOptions().planes_dtype(on_cuda=True) == jnp.bfloat16
   assert augment.ComputeOptions().planes_dtype() == jnp.float32
   assert augment.ComputeOptions("float32").planes_dtype(on_cuda=True) == jnp.float32
+  # Every 'auto' resolved per platform; explicit choices stay.
+  assert augment.ComputeOptions().resolved(on_cuda=True) == augment.ComputeOptions(
+      "bfloat16", "matmul", "pallas")
+  assert augment.ComputeOptions().resolved() == augment.ComputeOptions("float32", "taps", "xla")
+  assert augment.ComputeOptions("float32", "auto", "xla").resolved(on_cuda=True) == (
+      augment.ComputeOptions("float32", "matmul", "xla"))
+  assert augment.ComputeOptions().has_auto
+  assert not augment.ComputeOptions("float32", "taps", "xla").has_auto
   for name, bad in (("plane_dtype", "float16"), ("blur_rows", "dense"),
                     ("jitter_kernel", "triton")):
     with pytest.raises(ValueError, match=f"augment.{name}='{bad}'"):

@@ -47,7 +47,7 @@ def test_presets_are_valid(preset):
     ("augment.hue", 0.7, r"config\.augment\.hue=0\.7: must lie in \[0\.0, 0\.5\]"),
     ("augment.flip_prob", 1.2, r"config\.augment\.flip_prob=1\.2: must lie in \[0\.0, 1\.0\]"),
     ("augment.blur_rows", "dense",
-     r"config\.augment\.blur_rows='dense': choose one of \('taps', 'matmul'\)"),
+     r"config\.augment\.blur_rows='dense': choose one of \('auto', 'taps', 'matmul'\)"),
     ("augment.plane_dtype", "float16",
      r"config\.augment\.plane_dtype='float16': choose one of \('auto', 'float32', 'bfloat16'\)"),
     ("augment.jitter_kernel", "triton",

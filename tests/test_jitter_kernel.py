@@ -119,14 +119,19 @@ def test_the_montage_runs_the_kernel_when_configured():
   assert config.augment.jitter_kernel == "auto"
   videos = jnp.zeros((2, config.data.num_frames, 16, 16, 3), jnp.uint8)
   texts = {}
-  for kernel in ("auto", "pallas"):
+  for kernel in ("auto", "pallas", "xla"):
     config.augment.jitter_kernel = kernel
     fn = montage.make_montage_fn(config, mesh_lib.create_mesh())
-    texts[kernel] = fn.trace(videos, jax.random.key(0)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    for platform in ("cuda", "cpu"):
+      texts[kernel, platform] = fn.trace(videos, jax.random.key(0)).lower(
+          lowering_platforms=(platform,)).as_text()
   triton_call = "stablehlo.custom_call @__gpu$xla.gpu.triton"
-  assert texts["auto"].count(triton_call) == 0  # 'auto' is the XLA form, for now
-  assert texts["pallas"].count(triton_call) == 1
+  # 'auto' is the kernel on CUDA (measured faster on an H200), the XLA form elsewhere.
+  assert texts["auto", "cuda"].count(triton_call) == 1
+  assert texts["pallas", "cuda"].count(triton_call) == 1
+  assert texts["xla", "cuda"].count(triton_call) == 0
+  for kernel in ("auto", "pallas", "xla"):
+    assert texts[kernel, "cpu"].count(triton_call) == 0
 
 
 def test_bad_input_is_rejected():

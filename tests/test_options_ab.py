@@ -200,8 +200,10 @@ def test_gpu_session_variants_parse_and_set_existing_config_fields():
     assert all(name.startswith("xla_gpu_") for name in options)
     changed = ab_rounds.apply_overrides(config, overrides)
     for field, text in overrides.items():
-      section, leaf = field.rsplit(".", 1)
-      assert str(changed[section][leaf]) == text
+      node = changed
+      for part in field.split("."):
+        node = node[part]
+      assert str(node) == text
   completed = subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, "scripts",
                                                           "gpu_session.sh")],
                              capture_output=True, text=True, timeout=60)

@@ -43,19 +43,22 @@ def test_the_step_lowers_for_cuda_and_tpu_with_their_defaults(backbone):
     assert bfloat16_ops(texts[platform]) == 0, platform
 
 
-def test_the_gpu_session_variants_lower_for_cuda():
-  # The switches the next GPU session's A/B compiles (scripts/gpu_session.sh): a program
-  # that does not even lower would cost that rare session its A/B. The demo's stem (7x7 /
-  # 2, 3 -> 8 channels, 56-px frames) trains on CUDA as a 4x4 conv over 12 channels
-  # (space-to-depth) in the pixel layout, as a 3x3 conv from 48 to 32 channels (4 x 8:
-  # a block of 2 x 2 output pixels) in the block layout.
-  # The colour jitter as one Pallas kernel (augment.jitter_kernel, timed by the session's
-  # augment phase and passed on to its benchmark) is one Triton call in the step.
-  pixels = _lowered_step("r3d_tiny", "cuda")
-  blocks = _lowered_step("r3d_tiny", "cuda", stem_layout="blocks",
+def test_the_cuda_defaults_and_the_gpu_session_variants_lower_for_cuda():
+  # What a GPU session compiles (scripts/gpu_session.sh): a program that does not even
+  # lower would cost that rare session its A/B. The demo's stem (7x7 / 2, 3 -> 8
+  # channels, 56-px frames) trains on CUDA by default ('auto') in the block layout, as a
+  # 3x3 conv from 48 to 32 channels (4 x 8: a block of 2 x 2 output pixels); in the pixel
+  # layout as a 4x4 conv over 12 channels (space-to-depth). The colour jitter ('auto')
+  # is one Pallas kernel on CUDA: one Triton call in the step. Elsewhere neither.
+  auto = _lowered_step("r3d_tiny", "cuda")
+  pixels = _lowered_step("r3d_tiny", "cuda", stem_layout="pixels",
                          block_relu_gradient="from_output",
-                         augment_fields={"jitter_kernel": "pallas"})
-  assert "tensor<4x4x12x8xf32>" in pixels and "tensor<3x3x48x32xf32>" not in pixels
-  assert "tensor<3x3x48x32xf32>" in blocks and "tensor<4x4x12x8xf32>" not in blocks
+                         augment_fields={"jitter_kernel": "xla"})
+  on_cpu = _lowered_step("r3d_tiny", "cpu")
+  blocks_kernel, pixels_kernel = "tensor<3x3x48x32xf32>", "tensor<4x4x12x8xf32>"
+  assert blocks_kernel in auto and pixels_kernel not in auto
+  assert pixels_kernel in pixels and blocks_kernel not in pixels
+  assert blocks_kernel not in on_cpu
   triton_call = "stablehlo.custom_call @__gpu$xla.gpu.triton"
-  assert pixels.count(triton_call) == 0 and blocks.count(triton_call) == 1
+  assert auto.count(triton_call) == 1
+  assert pixels.count(triton_call) == 0 and on_cpu.count(triton_call) == 0

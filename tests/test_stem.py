@@ -87,38 +87,45 @@ def test_stem_blocks_layout_matches_pixels_in_training():
   # Same parameters (same seed): the same pooled output, parameter gradients and
   # BatchNorm statistics whichever layout the stem computes in.
   videos = random((2, 4, 32, 32, 3), 2)
+  # 'auto' (per-platform conv and pool around one BatchNorm over rows) too, under jit.
   results = {}
-  for layout in ("pixels", "blocks"):
+  for layout in ("pixels", "blocks", "auto"):
     backbone = make_backbone(layout)
     loss_fn = lambda m: jnp.sum(m._stem(videos) ** 2)  # pylint: disable=protected-access
-    loss, grads = nnx.value_and_grad(loss_fn)(backbone)
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(backbone)
     results[layout] = (loss, grads, backbone.stem_bn.mean[...], backbone.stem_bn.var[...])
-  (loss_p, grads_p, mean_p, var_p), (loss_b, grads_b, mean_b, var_b) = results.values()
-  np.testing.assert_allclose(float(loss_b), float(loss_p), rtol=1e-5)
-  stem_grads = 0
-  for p, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_b)):
-    scale = float(jnp.abs(p).max())
-    stem_grads += scale > 0  # the stem's conv kernel, BN scale and bias
-    np.testing.assert_allclose(np.asarray(b) / (scale + 1e-12), np.asarray(p) / (scale + 1e-12),
-                               atol=1e-5)
-  assert stem_grads == 3
-  np.testing.assert_allclose(np.asarray(mean_b), np.asarray(mean_p), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(var_b), np.asarray(var_p), rtol=1e-5, atol=1e-6)
+  loss_p, grads_p, mean_p, var_p = results["pixels"]
+  for layout in ("blocks", "auto"):
+    loss_b, grads_b, mean_b, var_b = results[layout]
+    np.testing.assert_allclose(float(loss_b), float(loss_p), rtol=1e-5)
+    stem_grads = 0
+    for p, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_b)):
+      scale = float(jnp.abs(p).max())
+      stem_grads += scale > 0  # the stem's conv kernel, BN scale and bias
+      np.testing.assert_allclose(np.asarray(b) / (scale + 1e-12),
+                                 np.asarray(p) / (scale + 1e-12), atol=1e-5)
+    assert stem_grads == 3, layout
+    # The running statistics moved, and alike.
+    assert float(jnp.abs(mean_b).max()) > 0, layout
+    np.testing.assert_allclose(np.asarray(mean_b), np.asarray(mean_p), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(var_b), np.asarray(var_p), rtol=1e-5, atol=1e-6)
 
 
 def test_backbone_with_blocks_stem_matches_pixels():
   # The whole backbone (bfloat16, evaluation mode): same features; frame sides that are
   # not multiples of 4 take the pixel layout, the same program.
   features = {}
-  for layout in ("pixels", "blocks"):
+  for layout in ("pixels", "blocks", "auto"):
     backbone = make_backbone(layout, jnp.bfloat16)
     backbone.eval()
     run = jax.jit(lambda videos, backbone=backbone: backbone(videos))
     features[layout] = [np.asarray(run(random(shape, 3)), np.float32)
                         for shape in ((1, 2, 32, 32, 3), (1, 2, 30, 34, 3))]
-  (pixels, pixels_odd), (blocks, blocks_odd) = features.values()
+  (pixels, pixels_odd), (blocks, blocks_odd), (auto, auto_odd) = features.values()
   np.testing.assert_allclose(blocks, pixels, rtol=0.05, atol=0.05)
   np.testing.assert_array_equal(blocks_odd, pixels_odd)
+  np.testing.assert_allclose(auto, pixels, rtol=0.05, atol=0.05)  # pixels on this CPU
+  np.testing.assert_array_equal(auto_odd, pixels_odd)
 
 
 def test_stem_layout_is_validated():

@@ -1,0 +1,101 @@
+"""The train state's flat form (tcvm_jax/flat_state.py): exact round trip, few leaves, and
+the same step as the tree."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tcvm_jax import flat_state, mesh as mesh_lib, optim, train, train_step  # noqa: E402
+from tests.train_test_utils import tiny_config  # noqa: E402
+
+
+def _tree_leaves(state):
+  return jax.tree_util.tree_flatten_with_path(state)[0]
+
+
+def _assert_trees_equal(actual, expected):
+  actual_leaves, expected_leaves = _tree_leaves(actual), _tree_leaves(expected)
+  assert [path for path, _ in actual_leaves] == [path for path, _ in expected_leaves]
+  for (path, a), (_, b) in zip(actual_leaves, expected_leaves):
+    if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def test_round_trip_is_exact_and_buffers_hold_every_element():
+  rng = np.random.default_rng(0)
+  state = {
+      "step": jnp.int32(7),
+      "params": {"a": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                       "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+                 "b": jnp.asarray(rng.normal(size=(2, 2, 5)), jnp.float32)},
+      "counts": jnp.arange(6, dtype=jnp.int32).reshape(2, 3),
+      "half": jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16),
+      "rng": jax.random.key(3),
+  }
+  layout = flat_state.FlatLayout.of(state)
+  flat = layout.flatten(state)
+  # One buffer per dtype of the arrays; scalars and keys kept, named by their path.
+  assert set(flat) == {"float32", "int32", "bfloat16", "step", "rng"}
+  assert flat["float32"].shape == (3 * 4 + 4 + 2 * 2 * 5,)
+  assert flat["int32"].shape == (6,) and flat["bfloat16"].shape == (5,)
+  # The float32 buffer is its arrays' values, raveled, in the tree's leaf order.
+  expected = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state)
+                             if x.dtype == jnp.float32 and x.ndim])
+  np.testing.assert_array_equal(flat["float32"], expected)
+  _assert_trees_equal(layout.unflatten(flat), state)
+  _assert_trees_equal(jax.jit(layout.unflatten)(jax.jit(layout.flatten)(state)), state)
+
+
+def test_layout_rejects_a_flat_state_missing_a_buffer_and_a_wrong_tree():
+  state = {"step": jnp.int32(0), "w": jnp.ones((2, 3)), "v": jnp.ones((4,), jnp.int32)}
+  layout = flat_state.FlatLayout.of(state)
+  flat = layout.flatten(state)
+  del flat["int32"]
+  with pytest.raises(KeyError, match="int32"):
+    layout.unflatten(flat)
+  with pytest.raises(ValueError):
+    layout.flatten({"step": jnp.int32(0), "w": jnp.ones((2, 3))})
+
+
+def test_flat_step_matches_the_tree_step_and_carries_few_leaves():
+  """Two steps of the pretraining step from one initial state, carried flat and as a tree:
+  the same loss, gradient norm and final state (XLA may fuse the two programs
+  differently, hence the tolerance; in practice the results agree to float rounding)."""
+  config = tiny_config()
+  mesh = mesh_lib.create_mesh()
+  steps_per_epoch, _ = train.num_train_steps_for(config, train.RANDOM_NUM_VIDEOS)
+  optimizer, schedule = optim.create_optimizer(config, steps_per_epoch, 2)
+  graphdef, state = train_step.create_train_state(config, mesh, optimizer)
+  layout = flat_state.FlatLayout.of(state)
+  step = train_step.make_train_step(config, graphdef, mesh, optimizer, schedule)
+  tree_fn = train_step.jit_train_step(step, mesh, donate=False)
+  flat_fn = train_step.jit_train_step(step, mesh, donate=False, layout=layout)
+  replicated = mesh_lib.replicated_sharding(mesh)
+  flat = layout.jit_flatten(replicated)(state)
+  # R3D-tiny's ~100 arrays travel as float32 + step + rng + optax's count.
+  assert len(jax.tree.leaves(state)) > 50
+  assert sorted(flat) == sorted(["float32", "step", "rng", "opt_state/1/1/count"])
+  batches = train.random_video_batches(config, process_index=0,
+                                       batch_size_per_process=config.batch_size)
+  tree_state = state
+  for _ in range(2):
+    videos = mesh_lib.host_batch_to_global(next(batches)["video"], mesh)
+    tree_state, tree_metrics = tree_fn(tree_state, videos)
+    flat, flat_metrics = flat_fn(flat, videos)
+    for name in ("loss", "grad_norm", "param_norm"):
+      np.testing.assert_allclose(flat_metrics[name], tree_metrics[name], rtol=1e-5)
+  from_flat = layout.jit_unflatten(replicated)(flat)
+  assert int(from_flat["step"]) == 2
+  for (path, a), (_, b) in zip(_tree_leaves(from_flat["params"]),
+                               _tree_leaves(tree_state["params"])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()) + 1e-7,
+                               err_msg=jax.tree_util.keystr(path))
