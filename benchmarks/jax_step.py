@@ -204,8 +204,7 @@ class CompiledStep:
                                                  num_train_steps=100_000)
     graphdef, self.state = train_step_lib.create_train_state(config, self.mesh, optimizer)
     # The state as the training loop carries it (config.state_layout).
-    layout = (flat_state.FlatLayout.of(self.state)
-              if config.get("state_layout", "flat") == "flat" else None)
+    layout = flat_state.layout_for(config, self.state)
     self.videos = synthetic_videos(config, self.mesh, config.batch_size, seed=config.seed)
     # As the training loop compiles it; `compiler_options` add to these or override them.
     workarounds = xla_options.for_mesh(config.model.backbone, self.mesh)

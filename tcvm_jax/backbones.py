@@ -182,36 +182,32 @@ class VideoResNet(nnx.Module):
     if not stem.supports_blocks(*videos.shape[2:4], self.stem_conv.kernel_size[1:]):
       layout = "pixels"
     batch, frames, height, width = videos.shape[:4]
-    pixels_shape = (batch, frames, height // 2, width // 2, -1)
-    blocks_shape = (batch * frames, height // 4, width // 4, 2, 2, -1)
-    if layout == "pixels":
-      x = nnx.relu(self.stem_bn(self.stem_conv(videos)))
-      return layers.max_pool_spatial(x)
-    if layout == "blocks":
-      y = nnx.relu(self.stem_bn(self.stem_conv.blocks(videos)))  # (B, T, H/4, W/4, 2, 2, C)
-      pooled = stem.max_pool_blocks(y.reshape(blocks_shape))
+
+    if layout == "pixels":  # any frame size
+      return layers.max_pool_spatial(nnx.relu(self.stem_bn(self.stem_conv(videos))))
+
+    # Below, sides are multiples of 4. Each layout's pool takes its conv's values in that
+    # layout's order, in any shape.
+    def pool_pixels(y):
+      return layers.max_pool_spatial(y.reshape(batch, frames, height // 2, width // 2, -1))
+
+    def pool_blocks(y):
+      pooled = stem.max_pool_blocks(y.reshape(batch * frames, height // 4, width // 4, 2, 2,
+                                              -1))
       return pooled.reshape(batch, frames, *pooled.shape[1:])
+
+    if layout == "blocks":
+      return pool_blocks(nnx.relu(self.stem_bn(self.stem_conv.blocks(videos))))
     # 'auto': each platform's conv and pool, one BatchNorm between them. Both layouts'
     # conv outputs become the same rows (one per output pixel, C values; the order
     # differs, which per-channel statistics do not see), so the BatchNorm and its
     # statistics' update stay outside the per-platform branches.
-    conv = functools.partial(_stem_conv_rows, self.stem_conv)
-    rows = jax.lax.platform_dependent(videos, cuda=functools.partial(conv, True),
-                                      default=functools.partial(conv, False))
+    as_rows = lambda y: y.reshape(-1, y.shape[-1])
+    rows = jax.lax.platform_dependent(
+        videos, cuda=lambda v: as_rows(self.stem_conv.blocks(v)),
+        default=lambda v: as_rows(self.stem_conv(v)))
     rows = nnx.relu(self.stem_bn(rows))
-    pooled = jax.lax.platform_dependent(
-        rows,
-        cuda=lambda rows: stem.max_pool_blocks(rows.reshape(blocks_shape)).reshape(
-            batch, frames, height // 4, width // 4, -1),
-        default=lambda rows: layers.max_pool_spatial(rows.reshape(pixels_shape)))
-    return pooled
-
-
-def _stem_conv_rows(conv: layers.VideoConv, in_blocks: bool, videos: jax.Array) -> jax.Array:
-  """The stem conv's output as rows (pixels, C): in the block layout's order when
-  `in_blocks` (`VideoConv.blocks`), else the pixel layout's."""
-  y = conv.blocks(videos) if in_blocks else conv(videos)
-  return y.reshape(-1, y.shape[-1])
+    return jax.lax.platform_dependent(rows, cuda=pool_blocks, default=pool_pixels)
 
 
 class ResNet3D(VideoResNet):

@@ -128,6 +128,13 @@ class FlatLayout:
     return jax.jit(self.unflatten, out_shardings=sharding)
 
 
+def layout_for(config, state) -> FlatLayout | None:
+  """How the training loop and the benchmark carry `state` between steps:
+  `config.state_layout` 'flat' (the default, also for configs without the field) gives
+  its layout, 'tree' None (the state as it is)."""
+  return FlatLayout.of(state) if config.get("state_layout", "flat") == "flat" else None
+
+
 def flat_step(step, layout: FlatLayout):
   """`(state, *batch) -> (state, metrics)` as `(flat, *batch) -> (flat, metrics)`."""
 

@@ -304,8 +304,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   graphdef, state = train_step_lib.create_train_state(config, mesh, optimizer)
   # The loop carries the state in its flat form (config.state_layout 'flat', the default:
   # less host time per step) and rebuilds the tree only to save or export it.
-  layout = (flat_state.FlatLayout.of(state)
-            if config.get("state_layout", "flat") == "flat" else None)
+  layout = flat_state.layout_for(config, state)
   step_fn = train_step_lib.jit_train_step(
       train_step_lib.make_train_step(config, graphdef, mesh, optimizer, schedule), mesh,
       compiler_options=xla_options.for_mesh(config.model.backbone, mesh), layout=layout)
