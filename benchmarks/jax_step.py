@@ -204,7 +204,7 @@ class CompiledStep:
                                                  num_train_steps=100_000)
     graphdef, self.state = train_step_lib.create_train_state(config, self.mesh, optimizer)
     # The state as the training loop carries it (config.state_layout).
-    layout = flat_state.layout_for(config, self.state)
+    form = flat_state.form_for(config, self.state)
     self.videos = synthetic_videos(config, self.mesh, config.batch_size, seed=config.seed)
     # As the training loop compiles it; `compiler_options` add to these or override them.
     workarounds = xla_options.for_mesh(config.model.backbone, self.mesh)
@@ -214,15 +214,14 @@ class CompiledStep:
       self.inputs = montage(self.videos,
                             jax.random.fold_in(self.state["rng"], self.state["step"]))
       step_fn = train_step_lib.jit_train_step(
-          train_step_lib.make_update_step(config, graphdef, optimizer, schedule), self.mesh,
-          num_batch_args=2, compiler_options=workarounds, layout=layout)
+          train_step_lib.make_update_step(config, graphdef, optimizer, schedule, form),
+          self.mesh, num_batch_args=2, compiler_options=workarounds)
     else:
       self.inputs = (self.videos,)
       step_fn = train_step_lib.jit_train_step(
-          train_step_lib.make_train_step(config, graphdef, self.mesh, optimizer, schedule),
-          self.mesh, compiler_options=workarounds, layout=layout)
-    if layout is not None:
-      self.state = layout.jit_flatten(mesh_lib.replicated_sharding(self.mesh))(self.state)
+          train_step_lib.make_train_step(config, graphdef, self.mesh, optimizer, schedule,
+                                         form), self.mesh, compiler_options=workarounds)
+    self.state = form.jit_to_carried(mesh_lib.replicated_sharding(self.mesh))(self.state)
     start = time.perf_counter()
     self.compiled = step_fn.lower(self.state, *self.inputs).compile(
         compiler_options=compiler_options)

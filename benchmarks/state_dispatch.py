@@ -10,9 +10,9 @@ nnx.States each parameter is an nnx Variable, flattened through Python; as plain
 Both layouts are built from the config's model with every leaf cut to one element, so
 the device work is nil and what is timed is the host's part of a call: the same count
 of leaves and the same tree shape as the real step. The call adds one to each leaf, with
-the state donated, as the step does. 'flat' is the dicts packed into one buffer per dtype
-(`tcvm_jax/flat_state.py`, config.state_layout 'flat': what the training loop carries
-since 2026-11-27); its call unpacks, adds and packs as the real step does. Rounds
+the state donated, as the step does. 'flat' is the dicts with params, statistics and
+momentum as one vector per dtype each (`tcvm_jax/flat_state.FlatForm`,
+config.state_layout 'flat': what the training loop carries). Rounds
 alternate the layouts' order. Prints the median per-call time of each layout and ratios.
 """
 
@@ -67,32 +67,26 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   config = config_files.load_config(args.config)
   states = tiny_states(config)
-  layout = flat_state.FlatLayout.of(states["dict"])
-  states["flat"] = layout.flatten(tiny_states(config)["dict"])  # its own arrays (donated)
-  steps = {"nnx.State": jax.jit(add_one, donate_argnums=0),
-           "dict": jax.jit(add_one, donate_argnums=0),
-           "flat": jax.jit(flat_state.flat_step(lambda s: (add_one(s), {}), layout),
-                           donate_argnums=0)}
+  form = flat_state.FlatForm.of(states["dict"])
+  states["flat"] = form.to_carried(tiny_states(config)["dict"])  # its own arrays (donated)
+  steps = {name: jax.jit(add_one, donate_argnums=0) for name in states}
   per_round: dict[str, list[float]] = {name: [] for name in states}
-  def call(name, state):
-    return steps[name](state)[0] if name == "flat" else steps[name](state)
-
   for name in states:
-    states[name] = jax.block_until_ready(call(name, states[name]))  # compile
+    states[name] = jax.block_until_ready(steps[name](states[name]))  # compile
   for round_index in range(args.rounds):
     for name in ab_rounds.round_order(list(states), round_index):
       state = states[name]
       start = time.perf_counter()
       for _ in range(args.calls):
-        state = call(name, state)
+        state = steps[name](state)
       states[name] = jax.block_until_ready(state)
       per_round[name].append((time.perf_counter() - start) / args.calls)
-  leaves = len(jax.tree.leaves(states["dict"]))
+  leaves = {name: len(jax.tree.leaves(state)) for name, state in states.items()}
   times = {name: statistics.median(values) for name, values in per_round.items()}
   for name, seconds in times.items():
     print(f"{name:<10} {seconds * 1e3:7.3f} ms per call  (rounds: "
           f"{', '.join(f'{value * 1e3:.2f}' for value in per_round[name])})")
-  print(f"{config.model.backbone}: {leaves} leaves in the state, {len(states['flat'])} "
+  print(f"{config.model.backbone}: {leaves['dict']} leaves in the state, {leaves['flat']} "
         f"flat; nnx.State / dict = {times['nnx.State'] / times['dict']:.2f}x, dict / flat "
         f"= {times['dict'] / times['flat']:.2f}x, on {jax.devices()[0].device_kind}")
   return 0

@@ -5,8 +5,9 @@
 #
 #   1. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
 #               alternating rounds): the defaults against the state carried as its tree
-#               of ~450 arrays (state_layout=tree; the default 'flat' is one buffer per
-#               dtype, tcvm_jax/flat_state.py), the stem in the pixel layout
+#               of ~450 arrays (state_layout=tree; the default 'flat' carries params,
+#               statistics and momentum as vectors and updates them as vectors,
+#               tcvm_jax/flat_state.py), the stem in the pixel layout
 #               (model.stem_layout=pixels; 'auto' is the 4x4-block layout on CUDA since
 #               it won by 2.7 % on 2026-11-27) and the block-end ReLU's gradient from its
 #               output (model.block_relu_gradient=from_output, within 0.2 % then).

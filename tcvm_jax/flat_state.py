@@ -1,23 +1,24 @@
-"""The train state as one flat buffer per dtype at the jitted step's boundary (#6).
+"""The train state carried flat at the jitted step's boundary, and updated flat (#6).
 
 Each jitted call flattens its arguments and builds its results leaf by leaf on the host.
 R3D50's train state has 447 leaves (params, SGD momentum, BatchNorm statistics): as plain
 dicts that is ~2.75 ms of host time per call on the H200 machine's host
 (`benchmarks/state_dispatch.py`), and a step that is waited for pays it before the
-device starts. Packed into one 1-D buffer per dtype the state has a handful of leaves.
+device starts. `FlatForm` (config.state_layout 'flat', the default) carries the params,
+the statistics and the momentum as one vector per dtype each: a handful of leaves.
 
-Inside the step `unflatten` slices the buffers back into the tree (XLA fuses the slices
-into their consumers: the casts to the compute dtype, the SGD update) and `flatten`
-concatenates the new state: one pass over it that the tree does not make (R3D50's
-params, momentum and statistics, ~0.33 GB read and written: ~0.2 ms on an H200, where
-the chained step measured +0.0 and +1.1 ms in two rounds against the tree, and the waited
-one -2.0 ms). Writing each leaf into the donated buffer in place
-(`dynamic_update_slice`) instead made XLA:CPU copy the whole buffer twice. Scalars (the
-step, optax's counts) and PRNG keys stay leaves of their own, named by their path, so
-`flat["step"]` reads as `state["step"]` does.
+The step slices the params vector into the model's arrays (XLA fuses the slices into
+their consumers, the casts to the compute dtype) and runs the optimizer on the vectors
+themselves, the gradient concatenated into the params' layout. Its update is then one
+elementwise pass that writes the new params and momentum straight into the donated
+buffers, and the norms in the metrics are one reduction each, where the tree makes ~170
+small updates and ~340 small reductions (~1.4 ms of launches per step in the H200 trace).
+The 2026-11-27 form packed the updated tree afterwards instead, an extra pass over the
+state (+0.0 and +1.1 ms chained in two H200 rounds). Scalars (the step, optax's counts)
+and PRNG keys stay leaves of their own, so `carried["step"]` reads as `state["step"]`.
 
 Checkpoints, evaluation and everything outside the loop keep the tree (`TrainState`); the
-loop converts at its edges (`FlatLayout.jit_flatten` / `jit_unflatten`).
+loop converts at its edges (`FlatForm.jit_to_carried` / `jit_to_tree`).
 """
 
 from __future__ import annotations
@@ -119,27 +120,98 @@ class FlatLayout:
         leaves.append(jax.lax.slice_in_dim(flat[name], offset, offset + size).reshape(shape))
     return self.treedef.unflatten(leaves)
 
-  def jit_flatten(self, sharding: Sharding):
-    """`flatten` jitted, its outputs placed with `sharding` (the state's, replicated)."""
-    return jax.jit(self.flatten, out_shardings=sharding)
 
-  def jit_unflatten(self, sharding: Sharding):
-    """`unflatten` jitted: fresh arrays, so the step may donate the flat buffers after."""
-    return jax.jit(self.unflatten, out_shardings=sharding)
+class TreeForm:
+  """The train state carried as it is: every conversion is the identity."""
+
+  def params_tree(self, params):
+    return params
+
+  def params_carried(self, params):
+    return params
+
+  batch_stats_tree = params_tree
+  batch_stats_carried = params_carried
+
+  def jit_to_carried(self, sharding: Sharding):
+    del sharding
+    return lambda state: state
+
+  jit_to_tree = jit_to_carried
 
 
-def layout_for(config, state) -> FlatLayout | None:
+@dataclasses.dataclass(frozen=True)
+class FlatForm:
+  """The train state carried flat: params, BatchNorm statistics and every params-shaped
+  part of the optimizer state (SGD's momentum) as one vector per dtype.
+
+  The step slices the params vector into the model's arrays, concatenates their gradient
+  into a vector of the same layout, and runs the optimizer on the vectors: its update is
+  one elementwise pass over params, momentum and gradient, written into the donated
+  buffers, and the gradient and param norms are one reduction each. optax's transforms
+  act on any pytree, and these act elementwise (`optim.create_optimizer`: decoupled weight
+  decay added to the gradient, momentum), so the vectors get the same update as the tree.
+  A transform with per-array statistics (LARS, per-layer clipping) would not.
+  """
+  params: FlatLayout
+  batch_stats: FlatLayout
+  opt_state_tree: Any  # the optimizer state in the tree form, as ShapeDtypeStructs
+
+  @classmethod
+  def of(cls, state) -> FlatForm:
+    abstract = jax.eval_shape(lambda tree: tree, state)
+    params = FlatLayout.of(abstract["params"])
+    return cls(params=params, batch_stats=FlatLayout.of(abstract["batch_stats"]),
+               opt_state_tree=abstract["opt_state"])
+
+  def _is_params(self, node) -> bool:
+    """A subtree of the optimizer state shaped like the params (momentum, Adam's moments)."""
+    return jax.tree.structure(node) == self.params.treedef
+
+  def params_tree(self, params: FlatState):
+    return self.params.unflatten(params)
+
+  def params_carried(self, params) -> FlatState:
+    return self.params.flatten(params)
+
+  def batch_stats_tree(self, batch_stats: FlatState):
+    return self.batch_stats.unflatten(batch_stats)
+
+  def batch_stats_carried(self, batch_stats) -> FlatState:
+    return self.batch_stats.flatten(batch_stats)
+
+  def to_carried(self, state):
+    """The tree form -> the flat form. Traceable."""
+    opt_state = jax.tree.map(
+        lambda node: self.params.flatten(node) if self._is_params(node) else node,
+        state["opt_state"], is_leaf=self._is_params)
+    return {**state, "params": self.params.flatten(state["params"]),
+            "batch_stats": self.batch_stats.flatten(state["batch_stats"]),
+            "opt_state": opt_state}
+
+  def to_tree(self, carried):
+    """The flat form -> the tree form. Traceable."""
+    opt_state = jax.tree.map(
+        lambda like, node: self.params.unflatten(node) if self._is_params(like) else node,
+        self.opt_state_tree, carried["opt_state"], is_leaf=self._is_params)
+    return {**carried, "params": self.params.unflatten(carried["params"]),
+            "batch_stats": self.batch_stats.unflatten(carried["batch_stats"]),
+            "opt_state": opt_state}
+
+  def jit_to_carried(self, sharding: Sharding):
+    """`to_carried` jitted, its outputs placed with `sharding` (the state's, replicated)."""
+    return jax.jit(self.to_carried, out_shardings=sharding)
+
+  def jit_to_tree(self, sharding: Sharding):
+    """`to_tree` jitted: fresh arrays, so the step may donate the carried ones after."""
+    return jax.jit(self.to_tree, out_shardings=sharding)
+
+
+StateForm = TreeForm | FlatForm
+
+
+def form_for(config, state) -> StateForm:
   """How the training loop and the benchmark carry `state` between steps:
-  `config.state_layout` 'flat' (the default, also for configs without the field) gives
-  its layout, 'tree' None (the state as it is)."""
-  return FlatLayout.of(state) if config.get("state_layout", "flat") == "flat" else None
-
-
-def flat_step(step, layout: FlatLayout):
-  """`(state, *batch) -> (state, metrics)` as `(flat, *batch) -> (flat, metrics)`."""
-
-  def step_on_flat(flat: FlatState, *batch):
-    state, metrics = step(layout.unflatten(flat), *batch)
-    return layout.flatten(state), metrics
-
-  return step_on_flat
+  `config.state_layout` 'flat' (the default, also for configs without the field) or
+  'tree' (the state as it is)."""
+  return FlatForm.of(state) if config.get("state_layout", "flat") == "flat" else TreeForm()

@@ -303,14 +303,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   optimizer, schedule = optim.create_optimizer(config, steps_per_epoch, num_train_steps)
   graphdef, state = train_step_lib.create_train_state(config, mesh, optimizer)
   # The loop carries the state in its flat form (config.state_layout 'flat', the default:
-  # less host time per step) and rebuilds the tree only to save or export it.
-  layout = flat_state.layout_for(config, state)
+  # less host time per step, one update pass) and rebuilds the tree only to save or export.
+  form = flat_state.form_for(config, state)
   step_fn = train_step_lib.jit_train_step(
-      train_step_lib.make_train_step(config, graphdef, mesh, optimizer, schedule), mesh,
-      compiler_options=xla_options.for_mesh(config.model.backbone, mesh), layout=layout)
+      train_step_lib.make_train_step(config, graphdef, mesh, optimizer, schedule, form), mesh,
+      compiler_options=xla_options.for_mesh(config.model.backbone, mesh))
   replicated = mesh_lib.replicated_sharding(mesh)
-  to_carried = layout.jit_flatten(replicated) if layout else (lambda tree: tree)
-  to_tree = layout.jit_unflatten(replicated) if layout else (lambda carried: carried)
+  to_carried, to_tree = form.jit_to_carried(replicated), form.jit_to_tree(replicated)
 
   writer = metrics_lib.create_writer(workdir, is_primary=jax.process_index() == 0)
   checkpointer = checkpointing.Checkpointer(

@@ -4,8 +4,9 @@
 call flattens it in C++: with R3D50's ~450 nnx Variables in it (params, optimizer state,
 statistics) each call took ~5 ms of host time against ~1 ms as dicts (docs/performance.md).
 `nnx.merge` takes the dicts back inside the step. Between steps the training loop and
-the benchmark carry it flatter still, one buffer per dtype (`flat_state.py`,
-`config.state_layout`; `jit_train_step(..., layout=...)`).
+the benchmark carry it flatter still: params, statistics and momentum as one vector per
+dtype, updated as vectors (`flat_state.FlatForm`, `config.state_layout`; the step's
+`form=` argument).
   step        int32 scalar, the number of updates applied so far.
   params      nested dict of the model's nnx.Param values (float32), keyed like the module.
   batch_stats nested dict of its nnx.BatchStat values (BatchNorm running averages).
@@ -95,22 +96,29 @@ def pretraining_loss(outputs: dict[str, jax.Array], source_ids: jax.Array,
 
 
 def make_update_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                     optimizer: optax.GradientTransformation, schedule: optax.Schedule
+                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                     form: flat_state.StateForm = flat_state.TreeForm()
                      ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
   """The step after the montage, un-jitted: `(state, pseudo_videos (B, T, S, S, 3) float,
   source_ids (B, s)) -> (state, metrics)`: encoder, heads, loss, gradient, SGD update.
-  (The benchmark times it alone against the PyTorch reference, which has no montage.)"""
+  (The benchmark times it alone against the PyTorch reference, which has no montage.)
+  `form`: how the state is carried (`flat_state.form_for`); the step takes and returns
+  it in that form, and a flat one is updated flat."""
 
   def update_step(state: TrainState, pseudo_videos: jax.Array, source_ids: jax.Array):
+    batch_stats_tree = form.batch_stats_tree(state["batch_stats"])
+
     def loss_fn(params):
       # copy=True: fresh Variables at this trace level, so BatchNorm may update them.
-      model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
+      model = nnx.merge(graphdef, params, batch_stats_tree, copy=True)
       outputs = model(pseudo_videos)
       loss, metrics = pretraining_loss(outputs, source_ids, config.loss)
       return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, batch_stats)), grads = grad_fn(state["params"])
+    (_, (metrics, batch_stats)), grads = grad_fn(form.params_tree(state["params"]))
+    grads = form.params_carried(grads)
+    batch_stats = form.batch_stats_carried(batch_stats)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["learning_rate"] = schedule(state["step"])
@@ -124,12 +132,13 @@ def make_update_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                    optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[[TrainState, jax.Array],
-                                                          tuple[TrainState, dict]]:
-  """Returns the un-jitted step `(state, videos uint8 (B, T, H, W, 3)) -> (state, metrics)`."""
+                    optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    form: flat_state.StateForm = flat_state.TreeForm()
+                    ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+  """Returns the un-jitted step `(state, videos uint8 (B, T, H, W, 3)) -> (state, metrics)`,
+  the state carried in `form` (`make_update_step`)."""
   montage = montage_lib.make_montage_fn(config, mesh)
-  update_step = make_update_step(config, graphdef, optimizer, schedule)
+  update_step = make_update_step(config, graphdef, optimizer, schedule, form)
 
   def train_step(state: TrainState, videos: jax.Array):
     step_key = jax.random.fold_in(state["rng"], state["step"])
@@ -140,16 +149,11 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
 
 
 def jit_train_step(train_step, mesh: Mesh, donate: bool = True, num_batch_args: int = 1,
-                   compiler_options: dict[str, Any] | None = None,
-                   layout: flat_state.FlatLayout | None = None):
+                   compiler_options: dict[str, Any] | None = None):
   """Jits the step: state replicated (and donated), the `num_batch_args` arguments after
   it (videos; or pseudo-videos and source ids for `make_update_step`) sharded over
-  `data`. `compiler_options`: XLA's (`xla_options.for_mesh`). With a `layout` the jitted
-  step takes and returns the state in its flat form (`flat_state.py`: a few buffers
-  instead of ~450 leaves, less host time per call)."""
+  `data`. `compiler_options`: XLA's (`xla_options.for_mesh`)."""
   replicated = mesh_lib.replicated_sharding(mesh)
-  if layout is not None:
-    train_step = flat_state.flat_step(train_step, layout)
   return jax.jit(train_step,
                  in_shardings=(replicated,) + (mesh_lib.batch_sharding(mesh),) * num_batch_args,
                  out_shardings=(replicated, replicated),
