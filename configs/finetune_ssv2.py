@@ -81,7 +81,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   model.bn_momentum = 0.9
   model.dropout_rate = 0.5            # before the classifier (SlowFast's default).
   # How the stem and each block's last ReLU compute (same values), as in configs/pretrain.py.
-  model.stem_layout = "auto"          # 'auto' (= 'pixels'), 'pixels', 'blocks'.
+  model.stem_layout = "auto"          # 'auto' (blocks on CUDA), 'pixels', 'blocks'.
+  model.stem_pool_gradient = "auto"   # 'auto' (= 'stack'), 'stack', 'select'.
   model.block_relu_gradient = "auto"  # 'auto' (= 'from_input'), 'from_input', 'from_output'.
 
   # --- Optimisation (optim.py: lr = base_learning_rate * batch_size / 32) --------

@@ -9,9 +9,11 @@
 #               statistics and momentum as vectors and updates them as vectors,
 #               tcvm_jax/flat_state.py), the stem in the pixel layout
 #               (model.stem_layout=pixels; 'auto' is the 4x4-block layout on CUDA since
-#               it won by 2.7 % on 2026-11-27) and the block-end ReLU's gradient from its
-#               output (model.block_relu_gradient=from_output, within 0.2 % then).
-#               BatchNorm's closed-form gradient, within 2 % twice, is left out; the
+#               it won by 2.7 % on 2026-11-27) and the block stem's pool backward by
+#               selects (model.stem_pool_gradient=select; the stacked form made the
+#               step's slowest memory-bound kernel, 0.82 ms at 1.3 TB/s). BatchNorm's
+#               closed-form gradient (within 2 % twice) and the block-end ReLU's gradient
+#               from its output (within 0.2 %) are left out; the
 #               augmentation's switches are decided by the augment phase below.
 #               Each variant compiles in 13-39 s on an H200. If XLA aborts the process
 #               while compiling one, the A/B runs again without it
@@ -99,7 +101,7 @@ run_logged 75 "$OUT/stem.log" "$PYTHON" benchmarks/stem_variants.py ${STEM_ARGS:
 LEVERS=(
   state_tree=--config.state_layout=tree
   stem_pixels=--config.model.stem_layout=pixels
-  relu_from_output=--config.model.block_relu_gradient=from_output
+  pool_select=--config.model.stem_pool_gradient=select
 )
 # levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
 # first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the

@@ -120,6 +120,7 @@ class VideoResNet(nnx.Module):
       bn_gradient: str = "auto",
       bn_statistics: str = "auto",
       stem_layout: str = "auto",
+      stem_pool_gradient: str = "auto",
       block_relu_gradient: str = "auto",
       rngs: nnx.Rngs,
   ):
@@ -132,12 +133,16 @@ class VideoResNet(nnx.Module):
     if stem_layout not in stem.STEM_LAYOUTS:
       raise ValueError(f"Stem layout {stem_layout!r} (model.stem_layout); choose from "
                        f"{stem.STEM_LAYOUTS}.")
+    if stem_pool_gradient not in stem.POOL_GRADIENTS:
+      raise ValueError(f"Stem pool gradient {stem_pool_gradient!r} "
+                       f"(model.stem_pool_gradient); choose from {stem.POOL_GRADIENTS}.")
     if block_relu_gradient not in layers.BLOCK_RELU_GRADIENTS:
       raise ValueError(f"Block ReLU gradient {block_relu_gradient!r} "
                        f"(model.block_relu_gradient); choose from "
                        f"{layers.BLOCK_RELU_GRADIENTS}.")
     dtype = jnp.dtype(dtype) if dtype is not None else None
     self.stem_layout = stem_layout
+    self.stem_pool_gradient = stem_pool_gradient
     self.stem_conv = layers.VideoConv(3, width, (1, 7, 7), stride=2, dtype=dtype, rngs=rngs)
     self.stem_bn = layers.batch_norm(width, axis_name=bn_axis_name, momentum=bn_momentum,
                                      dtype=dtype, gradient=bn_gradient, statistics=bn_statistics,
@@ -192,8 +197,9 @@ class VideoResNet(nnx.Module):
       return layers.max_pool_spatial(y.reshape(batch, frames, height // 2, width // 2, -1))
 
     def pool_blocks(y):
-      pooled = stem.max_pool_blocks(y.reshape(batch * frames, height // 4, width // 4, 2, 2,
-                                              -1))
+      pooled = stem.max_pool_blocks(
+          y.reshape(batch * frames, height // 4, width // 4, 2, 2, -1),
+          gradient=self.stem_pool_gradient)
       return pooled.reshape(batch, frames, *pooled.shape[1:])
 
     if layout == "blocks":
@@ -255,7 +261,8 @@ BACKBONES: dict[str, Callable[..., VideoResNet]] = {
 
 
 # The config.model fields that say how the backbone computes, not what ('auto' where unset).
-COMPUTE_OPTION_FIELDS = ("bn_gradient", "bn_statistics", "stem_layout", "block_relu_gradient")
+COMPUTE_OPTION_FIELDS = ("bn_gradient", "bn_statistics", "stem_layout", "stem_pool_gradient",
+                         "block_relu_gradient")
 
 
 def compute_options(model_config: Any) -> dict[str, str]:
@@ -272,6 +279,7 @@ def get_backbone(
     bn_gradient: str = "auto",
     bn_statistics: str = "auto",
     stem_layout: str = "auto",
+    stem_pool_gradient: str = "auto",
     block_relu_gradient: str = "auto",
     rngs: nnx.Rngs,
     **kwargs,
@@ -282,5 +290,5 @@ def get_backbone(
                      f"{sorted(BACKBONES)}.")
   return BACKBONES[name](dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=bn_momentum,
                          bn_gradient=bn_gradient, bn_statistics=bn_statistics,
-                         stem_layout=stem_layout, block_relu_gradient=block_relu_gradient,
-                         rngs=rngs, **kwargs)
+                         stem_layout=stem_layout, stem_pool_gradient=stem_pool_gradient,
+                         block_relu_gradient=block_relu_gradient, rngs=rngs, **kwargs)

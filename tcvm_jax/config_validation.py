@@ -199,10 +199,13 @@ def _validate_montage_and_augment(config) -> None:
 
 
 def check_backbone_switches(config) -> None:
-  """model.stem_layout and model.block_relu_gradient, where the config has them (the
-  pretraining and fine-tuning configs): how the backbone computes, not what."""
+  """model.stem_layout, model.stem_pool_gradient and model.block_relu_gradient, where the
+  config has them (the pretraining and fine-tuning configs): how the backbone computes,
+  not what."""
   if "stem_layout" in config.model:
     check_choice(config, "model.stem_layout", stem.STEM_LAYOUTS)
+  if "stem_pool_gradient" in config.model:
+    check_choice(config, "model.stem_pool_gradient", stem.POOL_GRADIENTS)
   if "block_relu_gradient" in config.model:
     check_choice(config, "model.block_relu_gradient", layers.BLOCK_RELU_GRADIENTS)
 

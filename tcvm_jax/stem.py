@@ -22,6 +22,7 @@ order; the parameters are the same (a (1, 7, 7, 3, C) kernel).
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -129,15 +130,21 @@ def _max_pool_blocks_forward(y: jax.Array) -> tuple[jax.Array, jax.Array]:
   return max_of_taps([_pool_tap(y, *divmod(index, 3)) for index in range(9)])
 
 
-@jax.custom_vjp
-def _max_pool_blocks(y: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_blocks(y: jax.Array, gradient: str) -> jax.Array:
+  del gradient
   return _max_pool_blocks_forward(y)[0]
 
 
-def _max_pool_blocks_bwd(winner, grad):
-  """Each output's gradient to the pixel its max came from: per pixel (r, s) of a block,
-  the sum of the taps that read it, shifted back by a block where they came from the
-  block before (taps of the padding never win)."""
+def _max_pool_blocks_fwd(y, gradient):
+  del gradient
+  return _max_pool_blocks_forward(y)
+
+
+def _pixel_gradients(winner: jax.Array, grad: jax.Array) -> list[list[jax.Array]]:
+  """[r][s]: the gradient of pixel (r, s) of every block, (N, P, Q, C): the sum of the
+  taps that read it, shifted back by a block where they came from the block before (taps
+  of the padding never win)."""
   zero = jnp.zeros((), grad.dtype)
   pixels = [[None, None], [None, None]]
   for index in range(9):
@@ -148,21 +155,46 @@ def _max_pool_blocks_bwd(winner, grad):
     part = jax.lax.pad(part, zero, ((0, 0, 0), (-up, up, 0), (-left, left, 0), (0, 0, 0)))
     previous = pixels[row][column]
     pixels[row][column] = part if previous is None else previous + part
-  rows = [jnp.stack(pixels[row], axis=3) for row in range(2)]  # (N, P, Q, 2, C) each
-  return (jnp.stack(rows, axis=3),)  # (N, P, Q, 2, 2, C)
+  return pixels
 
 
-_max_pool_blocks.defvjp(_max_pool_blocks_forward, _max_pool_blocks_bwd)
+def _max_pool_blocks_bwd(gradient, winner, grad):
+  """Each output's gradient to the pixel its max came from, assembled into the block
+  layout (N, P, Q, 2, 2, C) by stacking the four pixels' gradients ('stack') or by one
+  select per value between them ('select'). The same values; XLA makes the first a
+  concatenate fusion (0.82 ms at 1.3 TB/s for R3D50's stem on an H200, 2026-11-27: the
+  slowest memory-bound kernel of the step) and the second a loop fusion."""
+  pixels = _pixel_gradients(winner, grad)
+  if gradient == "stack":
+    rows = [jnp.stack(pixels[row], axis=3) for row in range(2)]  # (N, P, Q, 2, C) each
+    return (jnp.stack(rows, axis=3),)
+  shape = (1, 1, 1, 2, 2, 1)
+  row = jax.lax.broadcasted_iota(jnp.int32, shape, 3)
+  column = jax.lax.broadcasted_iota(jnp.int32, shape, 4)
+  (top_left, top_right), (bottom_left, bottom_right) = [
+      [pixel[:, :, :, None, None, :] for pixel in pair] for pair in pixels]
+  return (jnp.where(row == 0, jnp.where(column == 0, top_left, top_right),
+                    jnp.where(column == 0, bottom_left, bottom_right)),)
 
 
-def max_pool_blocks(y: jax.Array) -> jax.Array:
+_max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
+
+POOL_GRADIENTS = ("auto", "stack", "select")  # model.stem_pool_gradient
+
+
+def max_pool_blocks(y: jax.Array, gradient: str = "stack") -> jax.Array:
   """PyTorch's 3x3 / 2 max-pool (padding 1, -inf) of the block-layout conv output
   (N, P, Q, 2, 2, C) -> (N, P, Q, C): `layers.max_pool_spatial`'s values and gradient
-  (ties to the first maximum in raster order) without strided access."""
+  (ties to the first maximum in raster order) without strided access. `gradient`: how
+  the backward pass assembles the block layout ('stack' or 'select', the same values;
+  'auto' is 'stack' until a GPU A/B says otherwise)."""
   if y.ndim != 6 or y.shape[3:5] != (2, 2):
     raise ValueError(f"max_pool_blocks expects the block layout (N, P, Q, 2, 2, C); got "
                      f"shape {y.shape}.")
-  return _max_pool_blocks(y)
+  if gradient not in POOL_GRADIENTS:
+    raise ValueError(f"Stem pool gradient {gradient!r} (model.stem_pool_gradient); choose "
+                     f"from {POOL_GRADIENTS}.")
+  return _max_pool_blocks(y, "stack" if gradient == "auto" else gradient)
 
 
 def pixels_from_blocks(y: jax.Array) -> jax.Array:

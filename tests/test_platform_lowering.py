@@ -55,6 +55,10 @@ def test_the_cuda_defaults_and_the_gpu_session_variants_lower_for_cuda():
                          block_relu_gradient="from_output",
                          augment_fields={"jitter_kernel": "xla"})
   on_cpu = _lowered_step("r3d_tiny", "cpu")
+  # The block stem's pool backward by selects: the two stacks of its pixels' gradients go.
+  selected = _lowered_step("r3d_tiny", "cuda", stem_pool_gradient="select")
+  concatenate = "stablehlo.concatenate"
+  assert selected.count(concatenate) == auto.count(concatenate) - 3  # 3 stacks: 2 + 1
   blocks_kernel, pixels_kernel = "tensor<3x3x48x32xf32>", "tensor<4x4x12x8xf32>"
   assert blocks_kernel in auto and pixels_kernel not in auto
   assert pixels_kernel in pixels and blocks_kernel not in pixels

@@ -46,29 +46,47 @@ def test_block_kernel_places_every_tap_once():
   assert np.all(counts == 4)
 
 
-def test_max_pool_blocks_values_and_gradient_match_reduce_window():
+@pytest.mark.parametrize("gradient", ["stack", "select", "auto"])
+def test_max_pool_blocks_values_and_gradient_match_reduce_window(gradient):
   # Distinct values (a shuffled ramp): no ties, so the gradient is unique.
   rng = np.random.default_rng(0)
   shape = (2, 3, 4, 2, 2, 5)
   y = jnp.asarray(rng.permutation(np.prod(shape)).reshape(shape).astype(np.float32) / 7.0)
-  pooled = stem.max_pool_blocks(y)
+  pooled = stem.max_pool_blocks(y, gradient)
   expected = reduce_window_max_pool(stem.pixels_from_blocks(y))
   np.testing.assert_array_equal(np.asarray(pooled), np.asarray(expected))
   cotangent = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
-  grad = jax.jit(jax.grad(lambda v: jnp.sum(stem.max_pool_blocks(v) * cotangent)))(y)
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(stem.max_pool_blocks(v, gradient) * cotangent)))(y)
   grad_reference = jax.grad(lambda v: jnp.sum(reduce_window_max_pool(v) * cotangent))(
       stem.pixels_from_blocks(y))
   np.testing.assert_allclose(np.asarray(stem.pixels_from_blocks(grad)),
                              np.asarray(grad_reference), rtol=1e-6, atol=1e-6)
 
 
-def test_max_pool_blocks_gradient_on_ties_goes_to_first_maximum_once():
+@pytest.mark.parametrize("gradient", ["stack", "select"])
+def test_max_pool_blocks_gradient_on_ties_goes_to_first_maximum_once(gradient):
   y = jnp.zeros((1, 2, 2, 2, 2, 1))  # 4x4 pixels, all equal
-  grad = jax.grad(lambda v: jnp.sum(stem.max_pool_blocks(v)))(y)
+  grad = jax.grad(lambda v: jnp.sum(stem.max_pool_blocks(v, gradient)))(y)
   reference = jax.grad(lambda v: jnp.sum(reduce_window_max_pool(v)))(jnp.zeros((1, 4, 4, 1)))
   np.testing.assert_array_equal(np.asarray(stem.pixels_from_blocks(grad)),
                                 np.asarray(reference))
   assert float(grad.sum()) == 4  # 2x2 outputs, each gradient 1, none lost or duplicated
+
+
+def test_max_pool_blocks_gradient_forms_agree_exactly_and_compile_differently():
+  # bfloat16 values with many ties (small integers): both assemblies route every output's
+  # gradient to the same pixel, bit for bit; the 'select' form has no concatenate.
+  rng = np.random.default_rng(1)
+  y = jnp.asarray(rng.integers(0, 4, size=(3, 5, 6, 2, 2, 8)), jnp.bfloat16)
+  cotangent = jnp.asarray(rng.normal(size=(3, 5, 6, 8)), jnp.bfloat16)
+  programs, grads = {}, {}
+  for gradient in ("stack", "select"):
+    fn = jax.jit(jax.grad(lambda v, g=gradient: jnp.sum(
+        stem.max_pool_blocks(v, g).astype(jnp.float32) * cotangent)))
+    programs[gradient] = fn.lower(y).as_text()
+    grads[gradient] = np.asarray(fn(y), np.float32)
+  np.testing.assert_array_equal(grads["select"], grads["stack"])
+  assert "concatenate" in programs["stack"] and "concatenate" not in programs["select"]
 
 
 def test_bad_shapes_are_refused():
@@ -134,5 +152,14 @@ def test_stem_layout_is_validated():
   config = pretrain.get_config("demo")
   config.model.stem_layout = "columns"
   with pytest.raises(config_validation.ConfigError, match="stem_layout"):
+    config_validation.validate_config(config, num_devices=1, check_paths=False,
+                                      check_model=False)
+  with pytest.raises(ValueError, match="stem_pool_gradient"):
+    backbones.get_backbone("r3d_tiny", stem_pool_gradient="gather", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="stem_pool_gradient"):
+    stem.max_pool_blocks(jnp.zeros((1, 2, 2, 2, 2, 1)), "gather")
+  config = pretrain.get_config("demo")
+  config.model.stem_pool_gradient = "gather"
+  with pytest.raises(config_validation.ConfigError, match="stem_pool_gradient"):
     config_validation.validate_config(config, num_devices=1, check_paths=False,
                                       check_model=False)
