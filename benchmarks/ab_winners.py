@@ -9,7 +9,10 @@ with the winners after the A/B in one device call. The reasons go to stderr.
 A variant wins when the median over rounds of its chained-step ratio to 'default' (the
 training loop runs steps back to back) is at most 1 - margin and its waited-step ratio
 is below 1; margin = max(--min_gain, how far 'control', the default compiled twice,
-landed from 1). Winners that set the same flag or field differently: the faster one.
+landed from 1). A variant of config fields only whose compiled program is the
+default's (`hlo_identical_to_default`: e.g. a CUDA-only switch timed on a CPU) changed
+nothing and cannot win; one with XLA flags may (they can act after the HLO). Winners
+that set the same flag or field differently: the faster one.
 Pure Python (no JAX): runs anywhere.
 """
 
@@ -37,10 +40,12 @@ def pick_winners(result: dict[str, Any], min_gain: float = 0.02
   if ab_rounds.CONTROL in summary:
     margin = max(margin, abs(1.0 - summary[ab_rounds.CONTROL]["chained_ratio_median"]),
                  abs(1.0 - summary[ab_rounds.CONTROL]["ratio_median"]))
+  same_program = result.get("hlo_identical_to_default", {})
   candidates = sorted(
       (summary[v["name"]]["chained_ratio_median"], v["name"], v["flags"])
       for v in result["variants"]
       if v["name"] not in (ab_rounds.DEFAULT, ab_rounds.CONTROL)
+      and not (same_program.get(v["name"]) and not ab_rounds.parse_options(v["flags"])[0])
       and summary[v["name"]]["chained_ratio_median"] <= 1.0 - margin
       and summary[v["name"]]["ratio_median"] < 1.0)
   names, xla_flags, config_flags, taken = [], [], [], set()

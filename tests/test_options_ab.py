@@ -169,6 +169,23 @@ def test_winners_beat_the_margin_and_the_control_and_do_not_clash():
   assert ab_winners.pick_winners(_ab_result(rows[:2]), min_gain=0.02) == ([], [], [])
 
 
+def test_a_config_variant_with_the_default_program_cannot_win():
+  # A CUDA-only switch timed on a CPU compiles to the default's program: its "gain" is
+  # noise. An XLA flag with the same HLO may still change code generation.
+  rows = [("default", "", 1.0, 1.0),
+          ("pool_select", "--config.model.stem_pool_gradient=select", 0.94, 0.93),
+          ("no_command_buffer", "--xla_gpu_enable_command_buffer=", 0.95, 0.95),
+          ("stem_pixels", "--config.model.stem_layout=pixels", 0.9, 0.9)]
+  result = _ab_result(rows)
+  result["hlo_identical_to_default"] = {"pool_select": True, "no_command_buffer": True,
+                                        "stem_pixels": False}
+  names, _, _ = ab_winners.pick_winners(result, min_gain=0.02)
+  assert names == ["stem_pixels", "no_command_buffer"]
+  del result["hlo_identical_to_default"]  # older results: no such record, no exclusion
+  names, _, _ = ab_winners.pick_winners(result, min_gain=0.02)
+  assert names == ["stem_pixels", "pool_select", "no_command_buffer"]
+
+
 def test_winners_script_output_is_shell_assignments(tmp_path):
   result = tmp_path / "options_ab.json"
   result.write_text(json.dumps(_ab_result([
