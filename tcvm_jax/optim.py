@@ -3,6 +3,9 @@
 SGD with momentum 0.9 and weight decay 1e-4 added to the gradient before momentum, as
 PyTorch's `torch.optim.SGD(weight_decay=...)` does. The learning rate is
 `base_learning_rate * batch_size / 32` (linear scaling from the paper's 8 GPUs x 4 videos).
+The pretraining step runs the optimizer on the params raveled into one vector
+(`flat_state.FlatForm`, config.state_layout 'flat'): every transform here must act
+elementwise (no per-array statistics such as LARS) for that to equal the per-array update.
 """
 
 from __future__ import annotations
