@@ -177,6 +177,31 @@ def _memory_analysis(compiled) -> dict[str, int | None]:
           for name in names}
 
 
+def utilisation(model_flops_per_step: float, xla_flops_per_step: float | None,
+                step_time_s: float, chained_step_time_s: float, peak: float | None,
+                num_devices: int) -> dict[str, float | None]:
+  """The step's FLOP/s and MFU figures (None where the peak or XLA's count is unknown).
+
+  `mfu` (and `chained_mfu`, steps dispatched back to back as the training loop runs them)
+  counts the model's FLOPs (6 x its forward MACs per pseudo-video: the issue's MFU).
+  `xla_mfu` counts what XLA's cost analysis reports for the compiled program, which leaves
+  out library calls: on a GPU the cuDNN convolutions and cuBLAS matmuls, most of the
+  work (2.7 % against 21.8 % on the H200, 2026-11-27). Result files before 2026-11-28
+  named the model's figure `model_mfu` and XLA's `mfu`.
+  """
+  capacity = peak * num_devices if peak else None
+  xla_flops_per_s = xla_flops_per_step / step_time_s if xla_flops_per_step else None
+  return {
+      "flops_per_step": xla_flops_per_step,
+      "flops_per_s": xla_flops_per_s,
+      "peak_flops_per_device": peak,
+      "model_flops_per_step": model_flops_per_step,
+      "mfu": model_flops_per_step / step_time_s / capacity if capacity else None,
+      "chained_mfu": model_flops_per_step / chained_step_time_s / capacity if capacity else None,
+      "xla_mfu": xla_flops_per_s / capacity if (capacity and xla_flops_per_s) else None,
+  }
+
+
 def peak_memory_bytes(device) -> int | None:
   try:
     stats = device.memory_stats()
@@ -262,7 +287,6 @@ def benchmark_train_step(config: ml_collections.ConfigDict, *, steps: int, warmu
   peak = peak_flops(device.device_kind, dtype)
   # An SPMD program's cost analysis is per device (replicated work counted on each).
   flops_per_step = flops_per_device * num_devices if flops_per_device else None
-  achieved = flops_per_step / step_time_s if flops_per_step else None
   macs_per_video = forward_macs_per_video(config)
   # Training costs ~3x the forward pass (forward, input grads, weight grads); 2 FLOPs/MAC.
   model_flops_per_step = 6.0 * macs_per_video["model"] * config.batch_size
@@ -276,18 +300,10 @@ def benchmark_train_step(config: ml_collections.ConfigDict, *, steps: int, warmu
       "videos_per_s": config.batch_size / step_time_s,
       "chained_videos_per_s": config.batch_size / chained_step_time_s,
       "videos_per_s_per_device": config.batch_size / step_time_s / num_devices,
-      "flops_per_step": flops_per_step,
-      "flops_per_s": achieved,
-      "peak_flops_per_device": peak,
-      "mfu": (achieved / (peak * num_devices)) if (achieved and peak) else None,
       "forward_macs_per_video": macs_per_video["model"],
       "backbone_forward_macs_per_video": macs_per_video["backbone"],
-      "model_flops_per_step": model_flops_per_step,
-      "model_mfu": (model_flops_per_step / step_time_s / (peak * num_devices)
-                    if peak else None),
-      # Steps dispatched back to back, as the training loop runs them.
-      "chained_model_mfu": (model_flops_per_step / chained_step_time_s / (peak * num_devices)
-                            if peak else None),
+      **utilisation(model_flops_per_step, flops_per_step, step_time_s, chained_step_time_s,
+                    peak, num_devices),
       "peak_memory_bytes": peak_memory_bytes(device),
       "compiled_memory": compiled_memory,
       "collectives": collective_bytes(hlo_text),

@@ -63,7 +63,8 @@ def test_benchmark_script_writes_complete_json(tmp_path):
   assert results["batch_size"] == 4 and results["dtype"] == "float32"
   assert results["num_frames"] == 8 and results["frame_size"] == 32
   # CPU: no known peak, so no MFU; no torch run, so no ratio.
-  assert results["mfu"] is None and results["model_mfu"] is None
+  assert results["mfu"] is None and results["chained_mfu"] is None
+  assert results["xla_mfu"] is None and results["flops_per_step"] > 0
   assert results["torch_ratio"] is None and results["torch_step_time_s"] is None
   assert results["input_clips_per_s_per_core"] is None and results["interleaved"] is None
   assert results["partial"] is False
@@ -180,6 +181,25 @@ def test_collective_bytes_parses_shapes_and_async_pairs():
   assert summary["all-gather"] == {"count": 1, "bytes": 4 * 8 * 40 * 40 * 3}
   assert summary["all-reduce"] == {"count": 1, "bytes": 4 * (10 + 9)}
   assert summary["all-to-all"] == {"count": 0, "bytes": 0}
+
+
+def test_mfu_counts_the_models_flops_and_xlas_count_apart():
+  # The H200 run of 2026-11-27 (benchmarks/results/2026-11-27_h200_b/tc.json): R3D50 at
+  # B = 32 is 6 x 44.14 GMACs x 32 = 8.475 TFLOP per step; 39.26 ms waited, 39.50 ms
+  # chained; XLA's cost analysis counted 1.056 TFLOP (no cuDNN or cuBLAS calls).
+  model_flops = 6 * 44.142297088e9 * 32
+  figures = jax_step.utilisation(model_flops, 1.05585e12, 0.0392644, 0.0394974, 989.4e12, 1)
+  assert figures["mfu"] == pytest.approx(model_flops / 0.0392644 / 989.4e12)
+  assert figures["mfu"] == pytest.approx(0.2182, abs=1e-4)
+  assert figures["chained_mfu"] == pytest.approx(0.2169, abs=1e-4)
+  assert figures["xla_mfu"] == pytest.approx(0.0272, abs=1e-4)
+  assert figures["flops_per_s"] == pytest.approx(1.05585e12 / 0.0392644)
+  # Two devices: twice the capacity, half the utilisation of the same step time.
+  assert jax_step.utilisation(model_flops, None, 0.0392644, 0.0394974, 989.4e12, 2)[
+      "mfu"] == pytest.approx(figures["mfu"] / 2)
+  unknown_peak = jax_step.utilisation(model_flops, 1.0e12, 0.04, 0.04, None, 1)
+  assert unknown_peak["mfu"] is None and unknown_peak["xla_mfu"] is None
+  assert unknown_peak["flops_per_s"] == pytest.approx(2.5e13)
 
 
 def test_peak_flops_table():
