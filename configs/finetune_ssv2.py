@@ -97,6 +97,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.warmup_epochs = 0.0
   config.num_epochs = 22
   config.num_train_steps = -1         # -1: from num_epochs and the dataset size.
+  # The train state between steps: 'flat' (params, statistics and momentum as vectors, SGD
+  # on the vectors; tcvm_jax/flat_state.py) or 'tree' (its arrays as they are).
+  config.state_layout = "flat"
 
   # --- Testing -----------------------------------------------------------------
   config.eval = eval_config = ml_collections.ConfigDict()

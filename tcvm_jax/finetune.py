@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 from tcvm_jax import augment
 from tcvm_jax import checkpointing
 from tcvm_jax import config_validation as cv
+from tcvm_jax import flat_state
 from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import metrics as metrics_lib
 from tcvm_jax import optim
@@ -172,9 +173,12 @@ def create_train_state(params: nnx.State, batch_stats: nnx.State,
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    mean: Sequence[float], std: Sequence[float]
+                    mean: Sequence[float], std: Sequence[float],
+                    form: flat_state.StateForm = flat_state.TreeForm()
                     ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-  """(state, uint8 videos (B, T, S, S, 3), int labels (B,)) -> (state, metrics)."""
+  """(state, uint8 videos (B, T, S, S, 3), int labels (B,)) -> (state, metrics), the
+  state carried in `form` as the pretraining step carries it (`train_step.py`; a flat
+  one is updated flat, `flat_state.FlatForm`)."""
   dtype = jnp.dtype(config.model.dtype)
   out_size = config.augment.output_size
   label_smoothing = config.label_smoothing
@@ -184,14 +188,18 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     augment_key, dropout_key = jax.random.split(step_key)
     clips = augment_videos(augment_key, videos, config.augment, out_size, mean, std, dtype)
 
+    batch_stats_tree = form.batch_stats_tree(state["batch_stats"])
+
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
+      model = nnx.merge(graphdef, params, batch_stats_tree, copy=True)
       logits = model(clips, dropout_key=dropout_key)
       loss = cross_entropy(logits, labels, label_smoothing)
       return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
+        form.params_tree(state["params"]))
+    grads = form.params_carried(grads)
+    batch_stats = form.batch_stats_carried(batch_stats)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss,
@@ -214,11 +222,15 @@ def jit_train_step(train_step, mesh: Mesh, compiler_options: dict[str, Any] | No
 
 
 def make_score_fn(graphdef: nnx.GraphDef, *, out_size: int, mean: Sequence[float],
-                  std: Sequence[float], dtype: Any) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """(state, uint8 views (B, T, S, S, 3)) -> softmax scores (B, K); eval-mode BatchNorm."""
+                  std: Sequence[float], dtype: Any,
+                  form: flat_state.StateForm = flat_state.TreeForm()
+                  ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """(state in `form`, uint8 views (B, T, S, S, 3)) -> softmax scores (B, K); eval-mode
+  BatchNorm."""
 
   def scores(state, videos):
-    model = nnx.merge(graphdef, state["params"], state["batch_stats"])
+    model = nnx.merge(graphdef, form.params_tree(state["params"]),
+                      form.batch_stats_tree(state["batch_stats"]))
     clips = retrieval.preprocess_views(videos, out_size, mean, std, dtype)
     return jax.nn.softmax(model(clips), axis=-1)
 
@@ -327,6 +339,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   cv.check_number(config, "warmup_epochs", 0.0)
   cv.check_number(config, "num_epochs", 0.0, low_open=True)
   cv.check_int(config, "num_train_steps", 1, allowed=(-1,))
+  if "state_layout" in config:
+    cv.check_choice(config, "state_layout", flat_state.STATE_LAYOUTS)
   cv.check_int(config, "data.shuffle_buffer", 1)
   cv.check_int(config, "eval.batch_size", 1)
   cv.check_int(config, "eval_every_steps", 1, allowed=(-1,))
@@ -409,11 +423,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[s
 
   dtype = jnp.dtype(config.model.dtype)
   options = xla_options.for_mesh(source.backbone, mesh)
+  # As the pretraining loop: the state carried flat (config.state_layout), the tree
+  # rebuilt only to save it.
+  form = flat_state.form_for(config, state)
+  replicated = mesh_lib.replicated_sharding(mesh)
+  to_tree = form.jit_to_tree(replicated)
+  state = form.jit_to_carried(replicated)(state)
   step_fn = jit_train_step(make_train_step(config, graphdef, optimizer, schedule,
-                                           mean=source.mean, std=source.std), mesh, options)
+                                           mean=source.mean, std=source.std, form=form),
+                           mesh, options)
   runner = retrieval.make_view_runner(
       make_score_fn(eval_graphdef, out_size=config.eval.output_size, mean=source.mean,
-                    std=source.std, dtype=dtype), mesh, options)
+                    std=source.std, dtype=dtype, form=form), mesh, options)
   batches = pipeline.make_train_dataset(
       config, process_index=jax.process_index(), process_count=jax.process_count(),
       batch_size_per_process=batch_per_process, seed=config.seed,
@@ -482,9 +503,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[s
                                     f"eval/top5_{name}": quick[name]["top5"]})
         throughput.restart(step)
       if must_save:
-        checkpointer.save(step, state, {"batches_consumed": batches_consumed,
-                                        "global_batch_size": config.batch_size,
-                                        "seed": config.seed}, force=preempted or is_last)
+        checkpointer.save(step, to_tree(state), {"batches_consumed": batches_consumed,
+                                                 "global_batch_size": config.batch_size,
+                                                 "seed": config.seed},
+                          force=preempted or is_last)
       if preempted:
         logging.warning("Preempted: saved the checkpoint at step %d; exiting.", step)
         break

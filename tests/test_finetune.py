@@ -16,6 +16,7 @@ from tcvm_jax import augment
 from tcvm_jax import checkpointing
 from tcvm_jax import config_validation
 from tcvm_jax import finetune
+from tcvm_jax import flat_state
 from tcvm_jax import mesh as mesh_lib
 from tcvm_jax import retrieval
 from tcvm_jax.data import synthetic
@@ -225,6 +226,49 @@ def test_layout_switches_reach_the_fine_tuned_backbone(pretrained):
   assert backbone.stem_layout == "blocks"
   assert all(block.block_relu_gradient == "from_output"
              for blocks in backbone.stages for block in blocks)
+
+
+def test_flat_state_step_and_scores_match_the_tree(pretrained):
+  # Fine-tuning carries its state as pretraining does (config.state_layout 'flat'): SGD on
+  # the flat vectors gives the tree's loss, norms and params over 2 steps, and the test
+  # scores read the carried state alike.
+  directory, _, _ = pretrained
+  config = demo_config(init_checkpoint=directory, batch_size=4)
+  mesh = mesh_lib.create_mesh()
+  source = retrieval.resolve_encoder(config, directory)
+  graphdef, eval_graphdef, params, batch_stats = finetune.init_classifier(source, config, 12,
+                                                                          seed=0)
+  optimizer, schedule = finetune.optim.create_optimizer(config, 10, 100)
+  state = finetune.create_train_state(params, batch_stats, optimizer, mesh, seed=0)
+  replicated = mesh_lib.replicated_sharding(mesh)
+  forms = {"tree": flat_state.TreeForm(), "flat": flat_state.form_for(config, state)}
+  assert isinstance(forms["flat"], flat_state.FlatForm)  # the config's default
+  rng = np.random.default_rng(0)
+  size = config.data.input_size
+  videos = jnp.asarray(rng.integers(0, 256, (4, config.data.num_frames, size, size, 3)),
+                       jnp.uint8)
+  labels = jnp.asarray([0, 3, 7, 11], jnp.int32)
+  out = {}
+  for name, form in forms.items():
+    step = jax.jit(finetune.make_train_step(config, graphdef, optimizer, schedule,
+                                            mean=source.mean, std=source.std, form=form))
+    carried = form.jit_to_carried(replicated)(state)
+    history = []
+    for _ in range(2):
+      carried, metrics = step(carried, videos, labels)
+      history.append({k: float(v) for k, v in metrics.items()})
+    scores = jax.jit(finetune.make_score_fn(eval_graphdef, out_size=32, mean=source.mean,
+                                            std=source.std, dtype=jnp.float32, form=form))
+    out[name] = (history, form.jit_to_tree(replicated)(carried), scores(carried, videos))
+  (tree_history, tree_state, tree_scores), (flat_history, flat_result, flat_scores) = (
+      out["tree"], out["flat"])
+  for tree_metrics, flat_metrics in zip(tree_history, flat_history):
+    for name in ("loss", "grad_norm", "param_norm", "accuracy"):
+      assert flat_metrics[name] == pytest.approx(tree_metrics[name], rel=1e-5), name
+  for a, b in zip(jax.tree.leaves(flat_result["params"]), jax.tree.leaves(tree_state["params"])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()) + 1e-7)
+  np.testing.assert_allclose(flat_scores, tree_scores, rtol=1e-5, atol=1e-6)
+  assert int(flat_result["step"]) == 2
 
 
 def test_demo_preset_trains_tests_and_resumes(pretrained, tmp_path):
