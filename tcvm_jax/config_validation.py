@@ -198,10 +198,12 @@ def _validate_montage_and_augment(config) -> None:
       check_choice(config, f"augment.{name}", choices)
 
 
-def check_backbone_switches(config) -> None:
-  """model.stem_layout, model.stem_pool_gradient and model.block_relu_gradient, where the
-  config has them (the pretraining and fine-tuning configs): how the backbone computes,
-  not what."""
+def check_compute_switches(config) -> None:
+  """model.stem_layout, model.stem_pool_gradient, model.block_relu_gradient and
+  state_layout, where the config has them (the pretraining and fine-tuning configs): how
+  the backbone and the train step compute, not what."""
+  if "state_layout" in config:
+    check_choice(config, "state_layout", flat_state.STATE_LAYOUTS)
   if "stem_layout" in config.model:
     check_choice(config, "model.stem_layout", stem.STEM_LAYOUTS)
   if "stem_pool_gradient" in config.model:
@@ -219,7 +221,7 @@ def _validate_model(config) -> None:
   check_number(config, "model.bn_momentum", 0.0, 1.0, high_open=True)
   check_choice(config, "model.bn_gradient", layers.BATCH_NORM_GRADIENTS)
   check_choice(config, "model.bn_statistics", layers.BATCH_NORM_STATISTICS)
-  check_backbone_switches(config)
+  check_compute_switches(config)
   check_number(config, "model.tc_k", 0.0, 1.0)
   check_bool(config, "model.tc_second_order")
   check_int(config, "model.tc_hidden_dim", 1, allowed=(-1,))
@@ -237,8 +239,6 @@ def _validate_loss(config) -> None:
 
 
 def _validate_optimization(config, num_devices: int | None, num_processes: int) -> None:
-  if "state_layout" in config:
-    check_choice(config, "state_layout", flat_state.STATE_LAYOUTS)
   batch_size = check_int(config, "batch_size", 1)
   if num_devices is not None and batch_size % num_devices:
     _fail("batch_size", batch_size,

@@ -329,7 +329,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   cv.check_number(config, "augment.flip_prob", 0.0, 1.0)
   cv.check_number(config, "model.dropout_rate", 0.0, 1.0, high_open=True)
   cv.check_number(config, "model.bn_momentum", 0.0, 1.0, high_open=True)
-  cv.check_backbone_switches(config)
+  cv.check_compute_switches(config)
   cv.check_number(config, "label_smoothing", 0.0, 1.0, high_open=True)
   cv.check_number(config, "base_learning_rate", 0.0, low_open=True)
   cv.check_number(config, "momentum", 0.0, 1.0, high_open=True)
@@ -339,8 +339,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   cv.check_number(config, "warmup_epochs", 0.0)
   cv.check_number(config, "num_epochs", 0.0, low_open=True)
   cv.check_int(config, "num_train_steps", 1, allowed=(-1,))
-  if "state_layout" in config:
-    cv.check_choice(config, "state_layout", flat_state.STATE_LAYOUTS)
   cv.check_int(config, "data.shuffle_buffer", 1)
   cv.check_int(config, "eval.batch_size", 1)
   cv.check_int(config, "eval_every_steps", 1, allowed=(-1,))

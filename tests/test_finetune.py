@@ -215,6 +215,10 @@ def test_config_errors_name_the_setting():
   config.model.stem_layout = "columns"
   with pytest.raises(config_validation.ConfigError, match=r"config\.model\.stem_layout"):
     finetune.validate_config(config)
+  config.model.stem_layout = "auto"
+  config.state_layout = "buffers"
+  with pytest.raises(config_validation.ConfigError, match=r"config\.state_layout"):
+    finetune.validate_config(config)
 
 
 def test_layout_switches_reach_the_fine_tuned_backbone(pretrained):

@@ -11,6 +11,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import pretrain  # noqa: E402
+from tcvm_jax import config_validation  # noqa: E402
 from tcvm_jax import flat_state, mesh as mesh_lib, optim, train, train_step  # noqa: E402
 from tests.train_test_utils import tiny_config  # noqa: E402
 
@@ -151,3 +153,11 @@ def test_flat_step_drops_the_per_array_optimizer_work():
   tree, flat = counts["TreeForm"], counts["FlatForm"]
   assert tree["reduce"] - flat["reduce"] >= 1.5 * num_params, counts
   assert tree["fusion"] - flat["fusion"] >= num_params, counts
+
+
+def test_state_layout_is_validated():
+  config = pretrain.get_config("demo")
+  config.state_layout = "buffers"
+  with pytest.raises(config_validation.ConfigError, match=r"config\.state_layout"):
+    config_validation.validate_config(config, num_devices=1, check_paths=False,
+                                      check_model=False)
