@@ -234,6 +234,8 @@ def categorize(info: dict[str, Any] | None, computations: dict[str, list[str]]) 
     return "convolution"
   if opcode == "dot" or "gemm" in target or "matmul" in target or info["triton_gemm"]:
     return "matmul"
+  if "xla.gpu.triton" in target:  # a Pallas kernel: the fused 1x1 conv, or the jitter
+    return "matmul" if "conv1x1_stats" in info["op_name"] else "elementwise"
   if opcode in ("copy", "transpose", "copy-start", "copy-done"):
     return "copy/transpose"
   if opcode == "fusion":

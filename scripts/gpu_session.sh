@@ -11,7 +11,9 @@
 #               (model.stem_layout=pixels; 'auto' is the 4x4-block layout on CUDA since
 #               it won by 2.7 % on 2026-11-27) and the block stem's pool backward by
 #               selects (model.stem_pool_gradient=select; the stacked form made the
-#               step's slowest memory-bound kernel, 0.82 ms at 1.3 TB/s). BatchNorm's
+#               step's slowest memory-bound kernel, 0.82 ms at 1.3 TB/s) and the blocks'
+#               1x1 convs as Pallas kernels with bn_b + ReLU in front and the next
+#               BatchNorm's sums behind (model.conv1x1_kernel=pallas). BatchNorm's
 #               closed-form gradient (within 2 % twice) and the block-end ReLU's gradient
 #               from its output (within 0.2 %) are left out; the
 #               augmentation's switches are decided by the augment phase below.
@@ -33,8 +35,10 @@
 # passes; if the Pallas kernel takes the process down, the benchmark runs with the XLA
 # jitter); its fastest variant, if >= 5 % faster than the default, goes to the benchmark
 #                                        -> $OUT/augment.{log,json}, $OUT/augment_winner.txt
-# and the stem alone (benchmarks/stem_variants.py: its conv three ways, then the whole
-# stem in the pixel and the block layout)         -> $OUT/stem.log
+# and the blocks' 1x1 convs alone (benchmarks/conv1x1_variants.py: R3D50's 24 calls, 9
+# shapes, 'xla' against the Pallas kernel at six tilings)   -> $OUT/conv1x1.{log,json}
+# (The stem phase, benchmarks/stem_variants.py, decided model.stem_layout on 2026-11-27
+# and is no longer run here.)
 # Last, if >= 12 s are left: the host's time for one jitted call on the train state, as
 # nnx.States and as the plain dicts the step keeps (benchmarks/state_dispatch.py, ~10 s)
 #                                                  -> $OUT/dispatch.log
@@ -48,7 +52,7 @@
 # (configs/pretrain.py; run_gpu_benchmark.sh's too).
 # A dry run on CPU (every phase, ~5 minutes): PYTHON=venv/bin/python
 # R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4 ROUNDS=2
-# STEM_ARGS="--frames=64 --size=56 --dtype=float32".
+# CONV1X1_ARGS=--interpret.
 # Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -93,15 +97,18 @@ if [ ! -f "$OUT/augment.json" ] && (( rc == 134 || rc == 139 )); then
   echo "--config.augment.jitter_kernel=xla" > "$OUT/augment_winner.txt"
 fi
 
-say "=== stem"
-: > "$OUT/stem.log"
+say "=== conv1x1"
+: > "$OUT/conv1x1.log"
 # shellcheck disable=SC2086
-run_logged 75 "$OUT/stem.log" "$PYTHON" benchmarks/stem_variants.py ${STEM_ARGS:-}
+run_logged 80 "$OUT/conv1x1.log" "$PYTHON" benchmarks/conv1x1_variants.py \
+    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --budget_s=60 \
+    --json="$OUT/conv1x1.json" ${CONV1X1_ARGS:-}
 
 LEVERS=(
   state_tree=--config.state_layout=tree
   stem_pixels=--config.model.stem_layout=pixels
   pool_select=--config.model.stem_pool_gradient=select
+  conv1x1_pallas=--config.model.conv1x1_kernel=pallas
 )
 # levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
 # first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the

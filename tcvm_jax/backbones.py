@@ -63,6 +63,7 @@ class Bottleneck(nnx.Module):
       bn_gradient: str = "auto",
       bn_statistics: str = "auto",
       block_relu_gradient: str = "auto",
+      conv1x1_kernel: str = "auto",
       rngs: nnx.Rngs,
   ):
     out_features = 4 * inner_features
@@ -72,6 +73,8 @@ class Bottleneck(nnx.Module):
                            rngs=rngs)
     self.shift_div = shift_div
     self.block_relu_gradient = block_relu_gradient
+    # 'auto' = 'xla' until measured on a GPU (docs/performance.md).
+    self.conv1x1_kernel = "xla" if conv1x1_kernel == "auto" else conv1x1_kernel
     self.conv_a = conv(in_features, inner_features, (temporal_kernel, 1, 1))
     self.bn_a = bn(inner_features)
     self.conv_b = conv(inner_features, inner_features, (1, 3, 3), stride=stride)
@@ -86,16 +89,30 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = temporal_shift(x, self.shift_div) if self.shift_div else x
-    residual = nnx.relu(self.bn_a(self.conv_a(residual)))
-    residual = nnx.relu(self.bn_b(self.conv_b(residual)))
-    residual = self.bn_c(self.conv_c(residual))
+    residual = nnx.relu(self._conv_bn(self.conv_a, self.bn_a, residual))
+    if self.conv1x1_kernel == "pallas":
+      # bn_b + ReLU run inside conv_c's kernel, which also sums its output for bn_c.
+      conv_b_out = self.conv_b(residual)
+      residual = self.bn_c.from_sums(*layers.conv1x1_with_statistics(
+          self.conv_c, conv_b_out, self.bn_b.affine(conv_b_out)))
+    else:
+      residual = nnx.relu(self.bn_b(self.conv_b(residual)))
+      residual = self.bn_c(self.conv_c(residual))
     shortcut = x
     if self.shortcut_conv is not None:
-      shortcut = self.shortcut_bn(self.shortcut_conv(x))
+      shortcut = self._conv_bn(self.shortcut_conv, self.shortcut_bn, x)
     # 'auto' = from_input (autodiff's ReLU) until measured on a GPU; see layers.
     if self.block_relu_gradient == "from_output":
       return layers.relu_grad_from_output(residual + shortcut)
     return nnx.relu(residual + shortcut)
+
+  def _conv_bn(self, conv: layers.VideoConv, bn: layers.BatchNorm, x: jax.Array
+               ) -> jax.Array:
+    """bn(conv(x)); with model.conv1x1_kernel='pallas' a stride-1 1x1 conv sums its
+    output for bn in the same pass."""
+    if self.conv1x1_kernel == "pallas" and conv.kernel_size == (1, 1, 1) and conv.stride == 1:
+      return bn.from_sums(*layers.conv1x1_with_statistics(conv, x))
+    return bn(conv(x))
 
 
 class VideoResNet(nnx.Module):
@@ -122,6 +139,7 @@ class VideoResNet(nnx.Module):
       stem_layout: str = "auto",
       stem_pool_gradient: str = "auto",
       block_relu_gradient: str = "auto",
+      conv1x1_kernel: str = "auto",
       rngs: nnx.Rngs,
   ):
     if len(stage_sizes) != len(stage_temporal_kernels):
@@ -140,6 +158,14 @@ class VideoResNet(nnx.Module):
       raise ValueError(f"Block ReLU gradient {block_relu_gradient!r} "
                        f"(model.block_relu_gradient); choose from "
                        f"{layers.BLOCK_RELU_GRADIENTS}.")
+    if conv1x1_kernel not in layers.CONV1X1_KERNELS:
+      raise ValueError(f"1x1 conv kernel {conv1x1_kernel!r} (model.conv1x1_kernel); choose "
+                       f"from {layers.CONV1X1_KERNELS}.")
+    if conv1x1_kernel == "pallas" and jax.default_backend() == "gpu" and jax.device_count() > 1:
+      # A Pallas call is opaque to XLA's partitioner, which would gather its inputs whole
+      # on every device; a shard_map around it is not built yet.
+      raise ValueError("model.conv1x1_kernel='pallas' runs on one GPU only for now; with "
+                       f"{jax.device_count()} devices use 'xla' (or 'auto').")
     dtype = jnp.dtype(dtype) if dtype is not None else None
     self.stem_layout = stem_layout
     self.stem_pool_gradient = stem_pool_gradient
@@ -159,7 +185,8 @@ class VideoResNet(nnx.Module):
             stride=2 if stage_index > 0 and block_index == 0 else 1, shift_div=shift_div,
             zero_init_residual=zero_init_residual, dtype=dtype, bn_axis_name=bn_axis_name,
             bn_momentum=bn_momentum, bn_gradient=bn_gradient, bn_statistics=bn_statistics,
-            block_relu_gradient=block_relu_gradient, rngs=rngs))
+            block_relu_gradient=block_relu_gradient, conv1x1_kernel=conv1x1_kernel,
+            rngs=rngs))
         in_features = 4 * inner_features
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
@@ -262,7 +289,7 @@ BACKBONES: dict[str, Callable[..., VideoResNet]] = {
 
 # The config.model fields that say how the backbone computes, not what ('auto' where unset).
 COMPUTE_OPTION_FIELDS = ("bn_gradient", "bn_statistics", "stem_layout", "stem_pool_gradient",
-                         "block_relu_gradient")
+                         "block_relu_gradient", "conv1x1_kernel")
 
 
 def compute_options(model_config: Any) -> dict[str, str]:
@@ -281,6 +308,7 @@ def get_backbone(
     stem_layout: str = "auto",
     stem_pool_gradient: str = "auto",
     block_relu_gradient: str = "auto",
+    conv1x1_kernel: str = "auto",
     rngs: nnx.Rngs,
     **kwargs,
 ) -> VideoResNet:
@@ -291,4 +319,5 @@ def get_backbone(
   return BACKBONES[name](dtype=dtype, bn_axis_name=bn_axis_name, bn_momentum=bn_momentum,
                          bn_gradient=bn_gradient, bn_statistics=bn_statistics,
                          stem_layout=stem_layout, stem_pool_gradient=stem_pool_gradient,
-                         block_relu_gradient=block_relu_gradient, rngs=rngs, **kwargs)
+                         block_relu_gradient=block_relu_gradient,
+                         conv1x1_kernel=conv1x1_kernel, rngs=rngs, **kwargs)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tcvm_jax import cpu_chunks, stem
+from tcvm_jax import conv1x1_kernel, cpu_chunks, stem
 
 Dtype = Any
 
@@ -389,6 +389,31 @@ class VideoConv(nnx.Module):
     return y.reshape(batch, frames, *y.shape[1:])
 
 
+CONV1X1_KERNELS = ("auto", "xla", "pallas")
+
+
+def conv1x1_with_statistics(conv: VideoConv, x: jax.Array,
+                            affine: conv1x1_kernel.Affine | None = None
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`conv`, a (1, 1, 1) stride-1 VideoConv, of relu(affine(x)) (of x without `affine`),
+  with the per-channel sums of its output and their squares over all other axes (float32,
+  this device's rows): (y, sum, sum of squares). On CUDA one Pallas kernel computes all
+  three (`conv1x1_kernel`: the normalised input and a second read of y never go through
+  memory); elsewhere the same by XLA ops."""
+  if conv.kernel_size != (1, 1, 1) or conv.stride != 1:
+    raise ValueError(f"conv1x1_with_statistics takes a (1, 1, 1) stride-1 conv; got "
+                     f"kernel {conv.kernel_size}, stride {conv.stride}.")
+  if x.shape[-1] != conv.in_features:
+    raise ValueError(f"Expected {conv.in_features} input channels; got {x.shape}.")
+  kernel = conv.kernel[...]
+  dtype = _compute_dtype(conv.dtype, x, kernel)
+  rows = x.astype(dtype).reshape(-1, conv.in_features)
+  y, total, total_sq = jax.lax.platform_dependent(
+      rows, kernel[0, 0, 0].astype(dtype), affine, cuda=conv1x1_kernel.conv1x1_stats,
+      default=conv1x1_kernel.conv1x1_stats_reference)
+  return y.reshape(*x.shape[:-1], conv.out_features), total, total_sq
+
+
 def _temporal_conv_2d(pixels: jax.Array, kernel: jax.Array) -> jax.Array:
   """(B, T, P, Cin) x (kt, Cin, Cout), 'same' in time: a 2D conv, time as its first
   spatial axis and pixels as its second."""
@@ -472,11 +497,17 @@ def _batch_norm_train_forward(x, scale, bias, epsilon, axis_name, out_dtype,
   rows = x.reshape(-1, features).astype(jnp.float32)
   count = _row_count(rows.shape[0], axis_name)
   total, total_sq = _channel_sums(axis_name, rows, rows * rows, one_reduction=one_reduction)
-  mean = total / count
-  var = jnp.maximum(0.0, total_sq / count - mean * mean)
-  inv_std = jax.lax.rsqrt(var + epsilon)
+  mean, var, inv_std = _moments(total, total_sq, count, epsilon)
   y = (rows - mean) * (inv_std * scale) + bias
   return y.reshape(x.shape).astype(out_dtype), mean, var, inv_std
+
+
+def _moments(total: jax.Array, total_sq: jax.Array, count, epsilon: float
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(mean, variance, rsqrt(variance + epsilon)) from per-channel sums of x and x^2."""
+  mean = total / count
+  var = jnp.maximum(0.0, total_sq / count - mean * mean)
+  return mean, var, jax.lax.rsqrt(var + epsilon)
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, out_dtype, one_reduction):
@@ -569,10 +600,73 @@ class BatchNorm(nnx.BatchNorm):
       if self.statistics == "auto":  # one reduction on CUDA only (R3D50 step 2.4 % faster)
         branches["cuda"] = form(True)
       y, mean, var = jax.lax.platform_dependent(x, scale, bias, **branches)
+    self._update_running_averages(mean, var)
+    return y
+
+  def _update_running_averages(self, mean: jax.Array, var: jax.Array) -> None:
     momentum = self.momentum
     self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
     self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
-    return y
+
+  # The two methods below split this BatchNorm around a 1x1 convolution that applies it
+  # (`affine`) or sums its input (`from_sums`) in the same pass (`conv1x1_with_statistics`,
+  # model.conv1x1_kernel). They always differentiate the plain ops (model.bn_gradient's
+  # 'auto' off the CPU) and need this module's usual setup: channels last, scale and bias.
+
+  def _check_split(self) -> None:
+    if (self.axis != -1 or not self.use_fast_variance
+        or self.axis_index_groups is not None or self.scale is None or self.bias is None):
+      raise ValueError("BatchNorm.affine/from_sums need axis=-1, use_fast_variance, no "
+                       "axis_index_groups, a scale and a bias.")
+
+  def _promoted(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # As __call__: with dtype set, scale and bias round to it before they are applied.
+    return self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+
+  def affine(self, x: jax.Array) -> conv1x1_kernel.Affine:
+    """This BatchNorm of x as per-channel (mean, gain, bias), y = (x - mean) * gain + bias:
+    x's batch statistics in training (the running averages updated as by __call__), the
+    running averages in evaluation."""
+    self._check_split()
+    x, scale, bias = self._promoted(x)
+    if self.use_running_average:  # evaluation
+      mean, var = self.mean[...], self.var[...]
+      inv_std = jax.lax.rsqrt(var + self.epsilon)
+    else:
+      rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+
+      def sums(one_reduction):
+        return lambda r: _channel_sums(self.axis_name, r, r * r,
+                                       one_reduction=one_reduction)
+
+      if self.statistics == "auto":  # one reduction on CUDA, as __call__
+        total, total_sq = jax.lax.platform_dependent(rows, cuda=sums(True),
+                                                     default=sums(False))
+      else:
+        total, total_sq = sums(self.statistics == "one_reduction")(rows)
+      mean, var, inv_std = _moments(total, total_sq, _row_count(rows.shape[0],
+                                                                self.axis_name),
+                                    self.epsilon)
+      self._update_running_averages(mean, var)
+    return conv1x1_kernel.Affine(mean, inv_std * scale, bias.astype(jnp.float32))
+
+  def from_sums(self, x: jax.Array, total: jax.Array, total_sq: jax.Array) -> jax.Array:
+    """This BatchNorm of x given this device's per-channel sums of x and x^2 (float32,
+    over all rows but the channel axis; across devices with `axis_name`). Evaluation
+    uses the running averages, as __call__."""
+    self._check_split()
+    if self.use_running_average:
+      return self(x)
+    x, scale, bias = self._promoted(x)
+    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if self.axis_name is not None:
+      total, total_sq = jax.lax.psum((total, total_sq), self.axis_name)
+    mean, var, inv_std = _moments(total, total_sq, _row_count(rows.shape[0], self.axis_name),
+                                  self.epsilon)
+    self._update_running_averages(mean, var)
+    y = (rows - mean) * (inv_std * scale) + bias
+    return y.reshape(x.shape).astype(out_dtype)
 
 
 def batch_norm(

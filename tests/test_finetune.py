@@ -219,6 +219,10 @@ def test_config_errors_name_the_setting():
   config.state_layout = "buffers"
   with pytest.raises(config_validation.ConfigError, match=r"config\.state_layout"):
     finetune.validate_config(config)
+  config.state_layout = "flat"
+  config.model.conv1x1_kernel = "cudnn"
+  with pytest.raises(config_validation.ConfigError, match=r"config\.model\.conv1x1_kernel"):
+    finetune.validate_config(config)
 
 
 def test_layout_switches_reach_the_fine_tuned_backbone(pretrained):

@@ -66,3 +66,18 @@ def test_the_cuda_defaults_and_the_gpu_session_variants_lower_for_cuda():
   triton_call = "stablehlo.custom_call @__gpu$xla.gpu.triton"
   assert auto.count(triton_call) == 1
   assert pixels.count(triton_call) == 0 and on_cpu.count(triton_call) == 0
+
+
+def test_the_fused_1x1_convs_lower_for_cuda_as_triton_calls():
+  # model.conv1x1_kernel='pallas' (gpu_session.sh's A/B): one Triton call per 1x1 conv
+  # whose shapes tile into blocks of >= 16, and one more for the input gradient of each
+  # of those with bn_b + ReLU in front. The demo's r3d_tiny (width 8, 4 pseudo-videos of
+  # 8 x 56 x 56, 14 x 14 after the stem) has 4 + 3: stage 2's conv_a (32 -> 16 channels,
+  # 1568 rows) and the conv_c of stages 2-4 (16 -> 64, 32 -> 128, 64 -> 256; these have
+  # bn_b in front). Stage 1's convs have 8 input channels; stages 3-4's conv_a is
+  # (3, 1, 1); strided shortcuts stay matmuls. On the CPU the same model is XLA ops.
+  triton_call = "stablehlo.custom_call @__gpu$xla.gpu.triton"
+  auto = _lowered_step("r3d_tiny", "cuda")
+  fused = _lowered_step("r3d_tiny", "cuda", conv1x1_kernel="pallas")
+  assert fused.count(triton_call) - auto.count(triton_call) == 4 + 3
+  assert _lowered_step("r3d_tiny", "cpu", conv1x1_kernel="pallas").count(triton_call) == 0

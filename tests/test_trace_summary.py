@@ -323,3 +323,16 @@ def test_profile_step_traces_the_real_step_on_cpu(tmp_path):
   assert summary["by_category_ms"]["convolution"] > 0
   assert (out / "trace.json.gz").exists() and (out / "hlo.txt.gz").exists()
   assert "step, back to back" in completed.stdout
+
+
+def test_pallas_kernels_are_categorised_by_their_call():
+  # A Pallas kernel is a Triton custom call; its op_name carries the pallas_call's name:
+  # the fused 1x1 conv (tcvm_jax/conv1x1_kernel.py) is a matmul, the colour jitter not.
+  def call(op_name):
+    return {"opcode": "custom-call", "target": "__gpu$xla.gpu.triton", "op_name": op_name,
+            "triton_gemm": False, "cudnn": False, "calls": None}
+
+  conv = call("jit(train_step)/jvp()/conv1x1_stats/pallas_call")
+  jitter = call("jit(train_step)/jit(video_montage)/cond/branch_0_fun/vmap()/pallas_call")
+  assert trace_summary.categorize(conv, {}) == "matmul"
+  assert trace_summary.categorize(jitter, {}) == "elementwise"
