@@ -112,8 +112,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # The blocks' stride-1 1x1 convs: 'xla' (a matmul; BatchNorm's apply and statistics are
   # passes of their own) or 'pallas' (on CUDA one Pallas kernel per conv that applies the
   # BatchNorm + ReLU before conv_c and sums the output for the BatchNorm after it,
-  # tcvm_jax/conv1x1_kernel.py; XLA ops elsewhere; one device only). The same values up
-  # to rounding. 'auto' = xla until measured on a GPU.
+  # tcvm_jax/conv1x1_kernel.py; XLA ops elsewhere). The same values up to rounding.
+  # 'auto' = xla until measured on a GPU.
   model.conv1x1_kernel = "auto"
   model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
   model.tc_second_order = False     # D^2 in Table 3c.

@@ -161,11 +161,6 @@ class VideoResNet(nnx.Module):
     if conv1x1_kernel not in layers.CONV1X1_KERNELS:
       raise ValueError(f"1x1 conv kernel {conv1x1_kernel!r} (model.conv1x1_kernel); choose "
                        f"from {layers.CONV1X1_KERNELS}.")
-    if conv1x1_kernel == "pallas" and jax.default_backend() == "gpu" and jax.device_count() > 1:
-      # A Pallas call is opaque to XLA's partitioner, which would gather its inputs whole
-      # on every device; a shard_map around it is not built yet.
-      raise ValueError("model.conv1x1_kernel='pallas' runs on one GPU only for now; with "
-                       f"{jax.device_count()} devices use 'xla' (or 'auto').")
     dtype = jnp.dtype(dtype) if dtype is not None else None
     self.stem_layout = stem_layout
     self.stem_pool_gradient = stem_pool_gradient

@@ -25,6 +25,10 @@ XLA would make a reduction pass over that gradient and x) and the normalised inp
 the weight gradient, an XLA matmul. Without `affine` (or with `backward_kernel=False`)
 the backward is XLA ops.
 
+Under a multi-device jit each kernel is a `custom_partitioning` op (`_split_over_rows`):
+every device runs it on its rows of the batch and the sums are all-reduced, where XLA's
+partitioner, blind to a Pallas call, would gather its inputs whole on every device.
+
 `interpret=True` runs the kernel in Pallas's interpreter on any platform (slowly): what
 the tests check it with. `conv1x1_stats_reference` is the same computation as XLA ops:
 what other platforms run and what the kernel is tested against.
@@ -38,7 +42,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as pallas_triton
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 class Affine(NamedTuple):
@@ -50,8 +56,10 @@ class Affine(NamedTuple):
 
 
 class Tiling(NamedTuple):
-  """The kernel's tile sizes (powers of two, >= 16 for Triton's dot) and launch
-  settings; `benchmarks/conv1x1_variants.py` times the choices on a GPU."""
+  """The kernels' tile sizes (powers of two, >= 16 for Triton's dot) and launch
+  settings: block_m rows by block_n output channels per program, block_k contracted
+  channels per step (the input-gradient kernel's outputs are x's channels, it contracts
+  over y's). `benchmarks/conv1x1_variants.py` times the choices on a GPU."""
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
@@ -248,16 +256,97 @@ def input_grad_kernel(grad: jax.Array, w: jax.Array, x: jax.Array, affine: Affin
   return grad_x, z, Affine(-affine.gain * grad_bias, grad_gain, grad_bias)
 
 
+def _input_grad_reference(grad, w, x, affine):
+  """`input_grad_kernel`'s outputs by XLA ops."""
+  z, input_vjp = jax.vjp(normalised_input, x, affine)
+  grad_x, grad_affine = input_vjp(jnp.dot(grad, w.astype(x.dtype).T))
+  return grad_x, z, grad_affine
+
+
+def _split_over_rows(local_fn, row_args: tuple[int, ...], num_row_outputs: int, rule: str):
+  """`local_fn(*arrays)` as one op that XLA's partitioner splits along the rows (axis 0) of
+  the operands `row_args` (the batch's pixels under the step's data-parallel jit): each
+  device runs it on its own rows, and the outputs after the first `num_row_outputs`,
+  per-channel sums over the rows, are added up over the devices. A Pallas call is opaque
+  to the partitioner, which would otherwise gather its inputs whole on every device. On
+  one device this is `local_fn` itself."""
+  split = custom_partitioning(local_fn)
+
+  def shardings(mesh, arg_shapes, num_outputs):
+    spec = arg_shapes[row_args[0]].sharding.spec
+    rows = spec[0] if len(spec) else None
+    by_rows, whole = NamedSharding(mesh, P(rows)), NamedSharding(mesh, P())
+    args = tuple(by_rows if i in row_args else whole for i in range(len(arg_shapes)))
+    outputs = (by_rows,) * num_row_outputs + (whole,) * (num_outputs - num_row_outputs)
+    return rows, args, outputs
+
+  def partition(mesh, arg_shapes, result_shape):
+    rows, arg_shardings, out_shardings = shardings(mesh, arg_shapes, len(result_shape))
+
+    def lower_fn(*args):
+      outputs = local_fn(*args)
+      if rows is None:
+        return outputs
+      return (*outputs[:num_row_outputs], *jax.lax.psum(outputs[num_row_outputs:], rows))
+
+    return mesh, lower_fn, out_shardings, arg_shardings
+
+  def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
+    return shardings(mesh, arg_shapes, len(result_shape))[2]
+
+  # The channels stay whole on every device; Shardy wants these factors in the order
+  # they first appear in the rule.
+  factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+  split.def_partition(partition, infer_sharding_from_operands=infer_sharding_from_operands,
+                      sharding_rule=rule,
+                      need_replication_factors=tuple(f for f in factors if f in "kn"))
+  return split
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_op(tiling: Tiling, interpret: bool, with_affine: bool):
+  """The forward kernel (on this device's rows: the reference where they do not tile)
+  over (x, w[, mean, gain, bias]), split over the devices by rows."""
+
+  def local(x, w, *affine):
+    affine = Affine(*affine) if affine else None
+    if kernel_tiling(x.shape[0], x.shape[1], w.shape[1], tiling) is None:
+      return conv1x1_stats_reference(x, w, affine)
+    return conv1x1_stats_kernel(x, w, affine, tiling=tiling, interpret=interpret)
+
+  rule = "m k, k n" + (", k, k, k" if with_affine else "") + " -> m n, n, n"
+  return _split_over_rows(local, row_args=(0,), num_row_outputs=1, rule=rule)
+
+
+@functools.lru_cache(maxsize=None)
+def _input_grad_op(tiling: Tiling, interpret: bool):
+  """`input_grad_kernel` over (grad, w, x, mean, gain, bias) -> (grad_x, z, grad_mean,
+  grad_gain, grad_bias), split over the devices by rows."""
+
+  def local(grad, w, x, *affine):
+    affine = Affine(*affine)
+    if kernel_tiling(x.shape[0], w.shape[1], x.shape[1], tiling) is None:
+      grad_x, z, grad_affine = _input_grad_reference(grad, w, x, affine)
+    else:
+      grad_x, z, grad_affine = input_grad_kernel(grad, w, x, affine, tiling=tiling,
+                                                 interpret=interpret)
+    return (grad_x, z, *grad_affine)
+
+  return _split_over_rows(local, row_args=(0, 2), num_row_outputs=2,
+                          rule="m n, k n, m k, k, k, k -> m k, m k, k, k, k")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv1x1_stats(x, w, affine, tiling, interpret, backward_kernel):
   del backward_kernel
-  return conv1x1_stats_kernel(x, w, affine, tiling=tiling, interpret=interpret)
+  return _forward_op(tiling, interpret, affine is not None)(x, w, *(affine or ()))
 
 
 def _conv1x1_stats_fwd(x, w, affine, tiling, interpret, backward_kernel):
   del backward_kernel
   x, w, affine = jax.tree.map(lambda primal: primal.value, (x, w, affine))
-  y, total, total_sq = conv1x1_stats_kernel(x, w, affine, tiling=tiling, interpret=interpret)
+  y, total, total_sq = _forward_op(tiling, interpret, affine is not None)(x, w,
+                                                                          *(affine or ()))
   # y is kept for the statistics' gradient; the BatchNorm after this keeps it anyway.
   return (y, total, total_sq), (x, w, affine, y)
 
@@ -277,13 +366,15 @@ def _conv1x1_stats_bwd(tiling, interpret, backward_kernel, residuals, cotangents
   if not _is_zero(grad_sum_sq):
     grad = grad + 2.0 * y.astype(jnp.float32) * grad_sum_sq
   grad = grad.astype(x.dtype)
-  if (backward_kernel and affine is not None
-      and kernel_tiling(x.shape[0], w.shape[1], x.shape[1], tiling) is not None):
-    grad_x, z, grad_affine = input_grad_kernel(grad, w, x, affine, tiling=tiling,
-                                               interpret=interpret)
+  if backward_kernel and affine is not None:
+    grad_x, z, *grad_affine = _input_grad_op(tiling, interpret)(grad, w.astype(x.dtype), x,
+                                                                 *affine)
+    grad_affine = Affine(*grad_affine)
+  elif affine is not None:
+    grad_x, z, grad_affine = _input_grad_reference(grad, w, x, affine)
   else:
-    z, input_vjp = jax.vjp(lambda x, affine: normalised_input(x, affine), x, affine)
-    grad_x, grad_affine = input_vjp(jnp.dot(grad, w.astype(x.dtype).T))
+    z, grad_affine = x, None
+    grad_x = jnp.dot(grad, w.astype(x.dtype).T)
   grad_w = jnp.dot(z.T, grad, preferred_element_type=jnp.float32).astype(w.dtype)
   return grad_x, grad_w, grad_affine
 
@@ -296,7 +387,9 @@ def conv1x1_stats(x: jax.Array, w: jax.Array, affine: Affine | None = None, *,
                   backward_kernel: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(y, sum of y, sum of y^2) as `conv1x1_stats_reference`: the forward pass one kernel;
   with `affine` and `backward_kernel` the input's gradient another (`input_grad_kernel`),
-  the rest of the backward XLA. Shapes the kernels cannot tile run the reference."""
+  the rest of the backward XLA. Under a multi-device jit each device runs the kernels on
+  its rows of x (`_split_over_rows`) and the sums are added up over the devices. Shapes
+  the kernels cannot tile run the reference."""
   if kernel_tiling(x.shape[0], x.shape[1], w.shape[1], tiling) is None:
     return conv1x1_stats_reference(x, w, affine)
   return _conv1x1_stats(x, w, affine, tiling, interpret, backward_kernel)

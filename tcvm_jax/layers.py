@@ -396,10 +396,11 @@ def conv1x1_with_statistics(conv: VideoConv, x: jax.Array,
                             affine: conv1x1_kernel.Affine | None = None
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`conv`, a (1, 1, 1) stride-1 VideoConv, of relu(affine(x)) (of x without `affine`),
-  with the per-channel sums of its output and their squares over all other axes (float32,
-  this device's rows): (y, sum, sum of squares). On CUDA one Pallas kernel computes all
-  three (`conv1x1_kernel`: the normalised input and a second read of y never go through
-  memory); elsewhere the same by XLA ops."""
+  with the per-channel sums of its output and their squares over all other axes (float32;
+  over x as the program sees it: the global batch under jit, this device's part inside
+  shard_map): (y, sum, sum of squares). On CUDA one Pallas kernel computes all three
+  (`conv1x1_kernel`: the normalised input and a second read of y never go through
+  memory; split over the devices by rows); elsewhere the same by XLA ops."""
   if conv.kernel_size != (1, 1, 1) or conv.stride != 1:
     raise ValueError(f"conv1x1_with_statistics takes a (1, 1, 1) stride-1 conv; got "
                      f"kernel {conv.kernel_size}, stride {conv.stride}.")

@@ -4,6 +4,11 @@ autodiff; and the backbones with `model.conv1x1_kernel='pallas'` against 'xla'."
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -14,6 +19,7 @@ from flax import nnx
 from configs.pretrain import get_config
 from tcvm_jax import backbones, config_validation, conv1x1_kernel as ck, layers
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Several tiles along rows and output channels, several steps along the input channels.
 SMALL = ck.Tiling(block_m=32, block_n=32, block_k=16)
 
@@ -226,3 +232,23 @@ def test_benchmark_totals_count_calls_and_fall_back_to_xla():
   assert totals[f"forward:{default}"] == 3 * 0.5 + 2 * 0.25
   assert totals["forward+backward:pallas_best"] == 3 * 2.5 + 2 * 1.0
   assert totals["forward+backward:pallas_best_xla_backward"] == 3 * 2.75 + 2 * 1.0
+
+
+def test_four_devices_split_the_rows_and_add_up_the_sums():
+  # Under the step's data-parallel jit a Pallas call is opaque to XLA's partitioner, which
+  # would gather x whole on every device; `_split_over_rows` has each device run the
+  # kernels on its rows and adds the sums up. Pallas's interpreter, 4 CPU devices,
+  # against one device: the same loss and gradients, x's gradient split by rows, no
+  # all-gather, the sums all-reduced.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tests",
+                                                        "multidevice_conv1x1_check.py")],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["num_devices"] == 4
+  assert report["max_rel_diff"] < 1e-5
+  assert report["x_grad_spec"] == "P('data',)" and report["rows_per_device"] == [256 // 4]
+  assert report["largest_all_gather"] == 0 and report["all_reduces"] >= 1
