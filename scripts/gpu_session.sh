@@ -7,18 +7,19 @@
 #               alternating rounds): the defaults against the state carried as its tree
 #               of ~450 arrays (state_layout=tree; the default 'flat' carries params,
 #               statistics and momentum as vectors and updates them as vectors,
-#               tcvm_jax/flat_state.py), the stem in the pixel layout
-#               (model.stem_layout=pixels; 'auto' is the 4x4-block layout on CUDA since
-#               it won by 2.7 % on 2026-11-27) and the block stem's pool backward by
-#               selects (model.stem_pool_gradient=select; the stacked form made the
-#               step's slowest memory-bound kernel, 0.82 ms at 1.3 TB/s) and the blocks'
-#               1x1 convs as Pallas kernels with bn_b + ReLU in front and the next
+#               tcvm_jax/flat_state.py), the block stem's pool backward by selects
+#               (model.stem_pool_gradient=select; the stacked form made the step's
+#               slowest memory-bound kernel, 0.82 ms at 1.3 TB/s) and the blocks' 1x1
+#               convs as Pallas kernels with bn_b + ReLU in front and the next
 #               BatchNorm's sums behind (model.conv1x1_kernel=pallas). BatchNorm's
-#               closed-form gradient (within 2 % twice) and the block-end ReLU's gradient
-#               from its output (within 0.2 %) are left out; the
-#               augmentation's switches are decided by the augment phase below.
-#               Each variant compiles in 13-39 s on an H200. If XLA aborts the process
-#               while compiling one, the A/B runs again without it
+#               closed-form gradient (within 2 % twice), the block-end ReLU's gradient
+#               from its output (within 0.2 %) and the stem in the pixel layout (the
+#               block layout won by 2.7 % on 2026-11-27; leaving it out keeps the
+#               compiles in time) are left out; the augmentation's switches are decided
+#               by the augment phase below. All variants compile before the first round
+#               (the default in 42-50 s on an H200, the others in ~20-25 s), so the
+#               phase must fit them all. If XLA aborts the process while compiling one,
+#               the A/B runs again without it
 #                                                  -> $OUT/options_ab.{json,log}
 #   2. winners  benchmarks/ab_winners.py: the variants that beat the default by >= 2 %
 #               (chained steps), as XLA flags and config overrides, and the augment
@@ -100,15 +101,14 @@ fi
 say "=== conv1x1"
 : > "$OUT/conv1x1.log"
 # shellcheck disable=SC2086
-run_logged 80 "$OUT/conv1x1.log" "$PYTHON" benchmarks/conv1x1_variants.py \
-    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --budget_s=60 \
+run_logged 70 "$OUT/conv1x1.log" "$PYTHON" benchmarks/conv1x1_variants.py \
+    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --budget_s=50 \
     --json="$OUT/conv1x1.json" ${CONV1X1_ARGS:-}
 
 LEVERS=(
-  state_tree=--config.state_layout=tree
-  stem_pixels=--config.model.stem_layout=pixels
-  pool_select=--config.model.stem_pool_gradient=select
   conv1x1_pallas=--config.model.conv1x1_kernel=pallas
+  state_tree=--config.state_layout=tree
+  pool_select=--config.model.stem_pool_gradient=select
 )
 # levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
 # first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the
