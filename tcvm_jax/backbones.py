@@ -110,7 +110,7 @@ class Bottleneck(nnx.Module):
                ) -> jax.Array:
     """bn(conv(x)); with model.conv1x1_kernel='pallas' a stride-1 1x1 conv sums its
     output for bn in the same pass."""
-    if self.conv1x1_kernel == "pallas" and conv.kernel_size == (1, 1, 1) and conv.stride == 1:
+    if self.conv1x1_kernel == "pallas" and layers.is_pointwise(conv):
       return bn.from_sums(*layers.conv1x1_with_statistics(conv, x))
     return bn(conv(x))
 

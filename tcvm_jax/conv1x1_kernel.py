@@ -113,6 +113,15 @@ def kernel_tiling(rows: int, in_features: int, out_features: int,
   return tiling._replace(block_m=blocks[0], block_n=blocks[1], block_k=blocks[2])
 
 
+def _flat_grid(num_row_blocks: int, num_col_blocks: int):
+  """(grid, row block of program p, column block of program p) for one grid axis: CUDA's
+  second and third allow 65535 blocks (B = 512 would need more). Column blocks vary
+  fastest, so the programs sharing a row tile run together (it is read once from
+  memory, then from L2)."""
+  return ((num_row_blocks * num_col_blocks,), lambda p: p // num_col_blocks,
+          lambda p: p % num_col_blocks)
+
+
 def _tile_kernel(*refs, num_k_blocks: int, block_k: int, with_affine: bool):
   """One (block_m, block_n) tile of y and its column sums."""
   if with_affine:
@@ -122,11 +131,10 @@ def _tile_kernel(*refs, num_k_blocks: int, block_k: int, with_affine: bool):
 
   def accumulate(k, acc):
     window = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
-    x = x_ref[:, window]
-    if with_affine:
-      z = (x.astype(jnp.float32) - mean_ref[window]) * gain_ref[window] + bias_ref[window]
-      x = jnp.maximum(z.astype(x_ref.dtype), jnp.zeros((), x_ref.dtype))
-    return acc + jnp.dot(x, w_ref[window, :], preferred_element_type=jnp.float32)
+    affine = (Affine(mean_ref[window], gain_ref[window], bias_ref[window]) if with_affine
+              else None)
+    return acc + jnp.dot(normalised_input(x_ref[:, window], affine), w_ref[window, :],
+                         preferred_element_type=jnp.float32)
 
   block_m, block_n = y_ref.shape
   acc = jax.lax.fori_loop(0, num_k_blocks, accumulate,
@@ -152,13 +160,7 @@ def conv1x1_stats_kernel(x: jax.Array, w: jax.Array, affine: Affine | None = Non
     raise ValueError(f"No tiling of blocks >= 16 divides x {x.shape} and w {w.shape}.")
   block_m, block_n, block_k = fitted.block_m, fitted.block_n, fitted.block_k
   num_row_blocks = rows // block_m
-  num_col_blocks = out_features // block_n
-  # One grid axis (CUDA's second and third allow 65535 blocks: B = 512 would need more),
-  # output-channel blocks varying fastest, so the programs sharing an x tile run together
-  # (it is read once from memory, then from L2).
-  grid = (num_row_blocks * num_col_blocks,)
-  row_block = lambda p: p // num_col_blocks
-  col_block = lambda p: p % num_col_blocks
+  grid, row_block, col_block = _flat_grid(num_row_blocks, out_features // block_n)
   vector_spec = pl.BlockSpec((in_features,), lambda p: (0,))
   in_specs = [pl.BlockSpec((block_m, in_features), lambda p: (row_block(p), 0)),
               pl.BlockSpec((in_features, block_n), lambda p: (0, col_block(p)))]
@@ -229,9 +231,8 @@ def input_grad_kernel(grad: jax.Array, w: jax.Array, x: jax.Array, affine: Affin
     raise ValueError(f"No tiling of blocks >= 16 divides the gradient {grad.shape} and "
                      f"x {x.shape}.")
   block_m, block_c, block_n = fitted.block_m, fitted.block_n, fitted.block_k
-  num_row_blocks, num_c_blocks = rows // block_m, in_features // block_c
-  row_block = lambda p: p // num_c_blocks
-  col_block = lambda p: p % num_c_blocks
+  num_row_blocks = rows // block_m
+  grid, row_block, col_block = _flat_grid(num_row_blocks, in_features // block_c)
   tile = pl.BlockSpec((block_m, block_c), lambda p: (row_block(p), col_block(p)))
   vector = pl.BlockSpec((block_c,), lambda p: (col_block(p),))
   sums = pl.BlockSpec((None, block_c), lambda p: (row_block(p), col_block(p)))
@@ -241,7 +242,7 @@ def input_grad_kernel(grad: jax.Array, w: jax.Array, x: jax.Array, affine: Affin
                         block_n=block_n),
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype),
                  sums_shape, sums_shape),
-      grid=(num_row_blocks * num_c_blocks,),
+      grid=grid,
       in_specs=[pl.BlockSpec((block_m, out_features), lambda p: (row_block(p), 0)),
                 pl.BlockSpec((block_c, out_features), lambda p: (col_block(p), 0)),
                 tile, vector, vector, vector],
@@ -299,7 +300,7 @@ def _split_over_rows(local_fn, row_args: tuple[int, ...], num_row_outputs: int, 
   factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
   split.def_partition(partition, infer_sharding_from_operands=infer_sharding_from_operands,
                       sharding_rule=rule,
-                      need_replication_factors=tuple(f for f in factors if f in "kn"))
+                      need_replication_factors=tuple(f for f in factors if f in ("k", "n")))
   return split
 
 

@@ -392,6 +392,12 @@ class VideoConv(nnx.Module):
 CONV1X1_KERNELS = ("auto", "xla", "pallas")
 
 
+def is_pointwise(conv: VideoConv) -> bool:
+  """Whether `conv` is a (1, 1, 1) stride-1 conv: a plain matmul over pixels, what
+  `conv1x1_with_statistics` computes."""
+  return conv.kernel_size == (1, 1, 1) and conv.stride == 1
+
+
 def conv1x1_with_statistics(conv: VideoConv, x: jax.Array,
                             affine: conv1x1_kernel.Affine | None = None
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -401,7 +407,7 @@ def conv1x1_with_statistics(conv: VideoConv, x: jax.Array,
   shard_map): (y, sum, sum of squares). On CUDA one Pallas kernel computes all three
   (`conv1x1_kernel`: the normalised input and a second read of y never go through
   memory; split over the devices by rows); elsewhere the same by XLA ops."""
-  if conv.kernel_size != (1, 1, 1) or conv.stride != 1:
+  if not is_pointwise(conv):
     raise ValueError(f"conv1x1_with_statistics takes a (1, 1, 1) stride-1 conv; got "
                      f"kernel {conv.kernel_size}, stride {conv.stride}.")
   if x.shape[-1] != conv.in_features:
@@ -498,9 +504,8 @@ def _batch_norm_train_forward(x, scale, bias, epsilon, axis_name, out_dtype,
   rows = x.reshape(-1, features).astype(jnp.float32)
   count = _row_count(rows.shape[0], axis_name)
   total, total_sq = _channel_sums(axis_name, rows, rows * rows, one_reduction=one_reduction)
-  mean, var, inv_std = _moments(total, total_sq, count, epsilon)
-  y = (rows - mean) * (inv_std * scale) + bias
-  return y.reshape(x.shape).astype(out_dtype), mean, var, inv_std
+  return _normalise_with_sums(x.shape, rows, total, total_sq, count, scale, bias, epsilon,
+                              out_dtype)
 
 
 def _moments(total: jax.Array, total_sq: jax.Array, count, epsilon: float
@@ -509,6 +514,15 @@ def _moments(total: jax.Array, total_sq: jax.Array, count, epsilon: float
   mean = total / count
   var = jnp.maximum(0.0, total_sq / count - mean * mean)
   return mean, var, jax.lax.rsqrt(var + epsilon)
+
+
+def _normalise_with_sums(shape, rows, total, total_sq, count, scale, bias, epsilon,
+                         out_dtype):
+  """(y of `shape`, mean, var, rsqrt(var + epsilon)): the float32 `rows` of x normalised
+  with the batch statistics its per-channel sums give."""
+  mean, var, inv_std = _moments(total, total_sq, count, epsilon)
+  y = (rows - mean) * (inv_std * scale) + bias
+  return y.reshape(shape).astype(out_dtype), mean, var, inv_std
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name, out_dtype, one_reduction):
@@ -663,11 +677,11 @@ class BatchNorm(nnx.BatchNorm):
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if self.axis_name is not None:
       total, total_sq = jax.lax.psum((total, total_sq), self.axis_name)
-    mean, var, inv_std = _moments(total, total_sq, _row_count(rows.shape[0], self.axis_name),
-                                  self.epsilon)
+    y, mean, var, _ = _normalise_with_sums(
+        x.shape, rows, total, total_sq, _row_count(rows.shape[0], self.axis_name), scale,
+        bias, self.epsilon, out_dtype)
     self._update_running_averages(mean, var)
-    y = (rows - mean) * (inv_std * scale) + bias
-    return y.reshape(x.shape).astype(out_dtype)
+    return y
 
 
 def batch_norm(
