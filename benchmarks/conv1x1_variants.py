@@ -1,7 +1,8 @@
 r"""Times the blocks' 1x1 convs as the step runs them with `model.conv1x1_kernel` 'xla'
-(the matmul between BatchNorm passes) and 'pallas' (one kernel that applies bn_b + ReLU
-in front and sums the output for the next BatchNorm, tcvm_jax/conv1x1_kernel.py) at
-several tilings, on the shapes the backbone calls them with (issue #6).
+(the matmul between BatchNorm passes) and with the Pallas kernel (one kernel that applies
+bn_b + ReLU in front and sums the output for the next BatchNorm,
+tcvm_jax/conv1x1_kernel.py) at several tilings, on the shapes the backbone calls it with
+under 'pallas_all' (every stride-1 1x1 conv; 'pallas' fuses a subset) (issue #6).
 
   python benchmarks/conv1x1_variants.py [--config=configs/pretrain.py] [--batch_size=32]
       [--json=FILE] [--budget_s=70]
@@ -58,10 +59,13 @@ def tiling_name(tiling: ck.Tiling) -> str:
   return "pallas_{}x{}x{}_w{}_s{}".format(*tiling)
 
 
-def backbone_calls(config, batch_size: int) -> collections.Counter:
+def backbone_calls(config, batch_size: int, conv1x1_kernel: str = "pallas_all"
+                   ) -> collections.Counter:
   """Counter of the `Shape`s the config's backbone calls `conv1x1_with_statistics` with,
-  over one forward pass of the step's pseudo-videos (traced, nothing computed)."""
-  options = dict(backbones.compute_options(config.model), conv1x1_kernel="pallas")
+  over one forward pass of the step's pseudo-videos (traced, nothing computed), with
+  model.conv1x1_kernel=`conv1x1_kernel` (by default every 1x1 conv the kernel can take:
+  all are timed)."""
+  options = dict(backbones.compute_options(config.model), conv1x1_kernel=conv1x1_kernel)
   backbone = nnx.eval_shape(lambda: backbones.get_backbone(
       config.model.backbone, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), **options))
   graphdef, state = nnx.split(backbone)
@@ -71,10 +75,10 @@ def backbone_calls(config, batch_size: int) -> collections.Counter:
   calls = collections.Counter()
   original = layers.conv1x1_with_statistics
 
-  def record(conv, x, affine=None):
+  def record(conv, x, affine=None, **kwargs):
     calls[Shape(int(np.prod(x.shape[:-1])), conv.in_features, conv.out_features,
                 affine is not None)] += 1
-    return original(conv, x, affine)
+    return original(conv, x, affine, **kwargs)
 
   layers.conv1x1_with_statistics = record
   try:

@@ -258,10 +258,20 @@ def categorize(info: dict[str, Any] | None, computations: dict[str, list[str]]) 
   return "other"
 
 
+# This package's Pallas kernels, which a command buffer (CUDA graph) names after the
+# kernel, not the instruction: the 1x1 convs' (tcvm_jax/conv1x1_kernel.py, "conv" in their
+# name) are matmuls, the colour jitter's (tcvm_jax/jitter_kernel.py) elementwise.
+PALLAS_KERNEL_CATEGORIES = (("conv1x1_stats", "matmul"), ("_frame_kernel", "elementwise"))
+
+
 def kernel_category(kernel_name: str) -> str:
   """Category of a library (cuDNN, cuBLAS, PyTorch) kernel from its name: convolution,
-  matmul, batch norm, copy/transpose or other. XLA's own kernels are categorised from
-  their HLO instead; PyTorch's profile (benchmarks/torch_profile.py) uses this too."""
+  matmul, batch norm, copy/transpose or other (and this package's Pallas kernels'). XLA's
+  own kernels are categorised from their HLO instead; PyTorch's profile
+  (benchmarks/torch_profile.py) uses this too."""
+  for prefix, category in PALLAS_KERNEL_CATEGORIES:
+    if kernel_name.startswith(prefix):
+      return category
   lowered = kernel_name.lower()
   if any(k in lowered for k in ("fprop", "dgrad", "wgrad", "conv", "implicit_gemm", "cudnn",
                                 "nhwc")):

@@ -84,7 +84,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   model.stem_layout = "auto"          # 'auto' (blocks on CUDA), 'pixels', 'blocks'.
   model.stem_pool_gradient = "auto"   # 'auto' (= 'stack'), 'stack', 'select'.
   model.block_relu_gradient = "auto"  # 'auto' (= 'from_input'), 'from_input', 'from_output'.
-  model.conv1x1_kernel = "auto"       # 'auto' (= 'xla'), 'xla', 'pallas'.
+  model.conv1x1_kernel = "auto"       # 'auto' (= 'xla'), 'xla', 'pallas', 'pallas_all'.
 
   # --- Optimisation (optim.py: lr = base_learning_rate * batch_size / 32) --------
   config.batch_size = 32              # global batch of training videos.

@@ -110,10 +110,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # block's output, kept anyway), 'auto' = from_input until measured on a GPU.
   model.block_relu_gradient = "auto"
   # The blocks' stride-1 1x1 convs: 'xla' (a matmul; BatchNorm's apply and statistics are
-  # passes of their own) or 'pallas' (on CUDA one Pallas kernel per conv that applies the
-  # BatchNorm + ReLU before conv_c and sums the output for the BatchNorm after it,
-  # tcvm_jax/conv1x1_kernel.py; XLA ops elsewhere). The same values up to rounding.
-  # 'auto' = xla until measured on a GPU.
+  # passes of their own), 'pallas_all' (on CUDA one Pallas kernel per conv that applies
+  # the BatchNorm + ReLU before conv_c and sums the output for the BatchNorm after it,
+  # tcvm_jax/conv1x1_kernel.py; XLA ops elsewhere) or 'pallas' (the kernel only where the
+  # matmul is memory-bound: R3D50's stages 1-2). The same values up to rounding. 'auto' =
+  # xla: on an H200 the kernels made the R3D50 step 1.9 % ('pallas') and 3.8 % slower.
   model.conv1x1_kernel = "auto"
   model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
   model.tc_second_order = False     # D^2 in Table 3c.

@@ -4,30 +4,25 @@
 #   bash scripts/gpu_session.sh          # on the GPU machine, from the repo root
 #
 #   1. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
-#               alternating rounds): the defaults against the state carried as its tree
-#               of ~450 arrays (state_layout=tree; the default 'flat' carries params,
-#               statistics and momentum as vectors and updates them as vectors,
-#               tcvm_jax/flat_state.py), the block stem's pool backward by selects
-#               (model.stem_pool_gradient=select; the stacked form made the step's
-#               slowest memory-bound kernel, 0.82 ms at 1.3 TB/s) and the blocks' 1x1
-#               convs as Pallas kernels with bn_b + ReLU in front and the next
-#               BatchNorm's sums behind (model.conv1x1_kernel=pallas). BatchNorm's
-#               closed-form gradient (within 2 % twice), the block-end ReLU's gradient
-#               from its output (within 0.2 %) and the stem in the pixel layout (the
-#               block layout won by 2.7 % on 2026-11-27; leaving it out keeps the
-#               compiles in time) are left out; the augmentation's switches are decided
-#               by the augment phase below. All variants compile before the first round
-#               (the default in 42-50 s on an H200, the others in ~20-25 s), so the
-#               phase must fit them all. If XLA aborts the process while compiling one,
-#               the A/B runs again without it
-#                                                  -> $OUT/options_ab.{json,log}
+#               alternating rounds): the defaults against each of LEVERS below, if any.
+#               None now: the last ones were decided on an H200 on 2026-11-27
+#               (benchmarks/results/2026-11-27_h200_c/): the tree state 2.2 % and the
+#               block stem's pool gradient by selects 0.1 % against the defaults, the
+#               blocks' 1x1 convs as Pallas kernels ('pallas' 1.9 %, 'pallas_all' 3.8 %
+#               slower). All variants compile before the first round (the default in
+#               40-46 s on an H200, the others in ~15-25 s), so the phase must fit them
+#               all. If XLA aborts the process while compiling one, the A/B runs again
+#               without it                         -> $OUT/options_ab.{json,log}
 #   2. winners  benchmarks/ab_winners.py: the variants that beat the default by >= 2 %
 #               (chained steps), as XLA flags and config overrides, and the augment
 #               phase's winner                     -> $OUT/winners.txt
 #   3. the benchmark (scripts/run_gpu_benchmark.sh) with the winners applied, in the time
 #      left but $PROFILE_S: R3D50 against eager PyTorch, against torch.compile (~85 s to
-#      compile), R3D50 at twice the batch (JAX only), TSM50, the training loop
-#                                                  -> $OUT/*.json, *.log
+#      compile), R3D50 at twice the batch (JAX only; with DOUBLE_BATCH=1), TSM50, the
+#      training loop                               -> $OUT/*.json, *.log
+#      and, in TSM_TRITON_S, TSM50 with XLA's Triton GEMM fusions on against the defaults
+#      (off for TSM, tcvm_jax/xla_options.py), alone and with conv1x1_kernel=pallas_all
+#                                                  -> $OUT/tsm_triton*.{log,json}
 #   4. a device trace of 3 R3D50 steps with the winners (benchmarks/profile_step.py), for
 #      reading offline with benchmarks/trace_summary.py (time, GB/s, TFLOP/s per op)
 #                                                  -> $OUT/profile/
@@ -36,24 +31,24 @@
 # passes; if the Pallas kernel takes the process down, the benchmark runs with the XLA
 # jitter); its fastest variant, if >= 5 % faster than the default, goes to the benchmark
 #                                        -> $OUT/augment.{log,json}, $OUT/augment_winner.txt
-# and the blocks' 1x1 convs alone (benchmarks/conv1x1_variants.py: R3D50's 24 calls, 9
-# shapes, 'xla' against the Pallas kernel at six tilings)   -> $OUT/conv1x1.{log,json}
-# (The stem phase, benchmarks/stem_variants.py, decided model.stem_layout on 2026-11-27
-# and is no longer run here.)
+# (The stem phase, benchmarks/stem_variants.py, decided model.stem_layout on 2026-11-27;
+# the 1x1 conv phase, benchmarks/conv1x1_variants.py, timed the Pallas kernels per shape
+# on 2026-11-27 evening. Neither runs here now.)
 # Last, if >= 12 s are left: the host's time for one jitted call on the train state, as
 # nnx.States and as the plain dicts the step keeps (benchmarks/state_dispatch.py, ~10 s)
 #                                                  -> $OUT/dispatch.log
 # More than 8 files come back from $OUT only inside an archive: call it as
-#   O=$OUT; OUT=/tmp/s bash scripts/gpu_session.sh; tar czf $O/all.tgz -C /tmp/s .
+#   O=$OUT; rm -rf /tmp/s; OUT=/tmp/s bash scripts/gpu_session.sh; tar czf $O/all.tgz -C /tmp/s .
+# (a machine may keep /tmp from an earlier session: a stale stem.log came back once).
 # The winners are not made defaults here: that is a code change for the session that
 # reads the results (layers.BatchNorm's 'auto', a CUDA flag in the step's compile options).
 #
 # Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), ROUNDS (6),
-# PROFILE_S (60), BENCHMARK_S (200, kept for the benchmark), BATCH (32), R3D_CONFIG
-# (configs/pretrain.py; run_gpu_benchmark.sh's too).
+# PROFILE_S (60), BENCHMARK_S (200, kept for the benchmark), BATCH (32), DOUBLE_BATCH
+# (0), TSM_TRITON_S (110), R3D_CONFIG (configs/pretrain.py; run_gpu_benchmark.sh's too),
+# TSM_CONFIG (configs/pretrain.py:tsm50).
 # A dry run on CPU (every phase, ~5 minutes): PYTHON=venv/bin/python
-# R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4 ROUNDS=2
-# CONV1X1_ARGS=--interpret.
+# R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4 ROUNDS=2.
 # Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -63,6 +58,9 @@ ROUNDS=${ROUNDS:-6}
 PROFILE_S=${PROFILE_S:-60}
 BENCHMARK_S=${BENCHMARK_S:-200}
 BATCH=${BATCH:-32}
+# B = 64 was measured twice (MFU 23.4-23.7 %); its phase (~90 s) gives way to the TSM ones.
+DOUBLE_BATCH=${DOUBLE_BATCH:-0}
+TSM_TRITON_S=${TSM_TRITON_S:-110}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 # shellcheck source=scripts/gpu_common.sh
@@ -98,36 +96,29 @@ if [ ! -f "$OUT/augment.json" ] && (( rc == 134 || rc == 139 )); then
   echo "--config.augment.jitter_kernel=xla" > "$OUT/augment_winner.txt"
 fi
 
-say "=== conv1x1"
-: > "$OUT/conv1x1.log"
-# shellcheck disable=SC2086
-run_logged 70 "$OUT/conv1x1.log" "$PYTHON" benchmarks/conv1x1_variants.py \
-    --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --budget_s=50 \
-    --json="$OUT/conv1x1.json" ${CONV1X1_ARGS:-}
-
-LEVERS=(
-  conv1x1_pallas=--config.model.conv1x1_kernel=pallas
-  state_tree=--config.state_layout=tree
-  pool_select=--config.model.stem_pool_gradient=select
-)
+# NAME=--flag ... (the variants to A/B against the defaults; none now, see above).
+LEVERS=()
 # levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
 # first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the
-# headline ratio, in one call) and PROFILE_S.
+# headline ratio, in one call), PROFILE_S and TSM_TRITON_S.
 levers() {
   local variants=() variant
   for variant in "$@"; do variants+=(--variant="$variant"); done
-  run_logged $(( $(left) - BENCHMARK_S - PROFILE_S )) "$OUT/options_ab.log" \
+  run_logged $(( $(left) - BENCHMARK_S - PROFILE_S - TSM_TRITON_S )) "$OUT/options_ab.log" \
       "$PYTHON" benchmarks/options_ab.py --config="${R3D_CONFIG:-configs/pretrain.py}" \
       --batch_size="$BATCH" --dtype=bfloat16 "${variants[@]}" --rounds="$ROUNDS" \
       --nocontrol --json="$OUT/options_ab.json"
 }
 
-say "=== levers (A/B, $ROUNDS rounds)"
 rm -f "$OUT/options_ab.json"
-: > "$OUT/options_ab.log"
-levers "${LEVERS[@]}"
-rc=$?
-say "levers finished with exit code $rc"
+rc=0
+if (( ${#LEVERS[@]} > 0 )); then
+  say "=== levers (A/B, $ROUNDS rounds)"
+  : > "$OUT/options_ab.log"
+  levers "${LEVERS[@]}"
+  rc=$?
+  say "levers finished with exit code $rc"
+fi
 # An XLA CHECK failure aborts the whole process (as compiling TSM50 did on 2026-11-26),
 # before any round is written. Leave out the variant it was compiling (the first one
 # not reported compiled) and run the others once more; their programs now come from the
@@ -170,8 +161,35 @@ if [ -n "$WINNING_XLA_FLAGS" ]; then
 fi
 
 say "=== benchmark with the winners ($(left)s left)"
-EXTRA_FLAGS="$WINNING_CONFIG_FLAGS" OUT="$OUT" BATCH="$BATCH" \
-    TOTAL_BUDGET_S=$(( $(left) - PROFILE_S )) bash scripts/run_gpu_benchmark.sh
+EXTRA_FLAGS="$WINNING_CONFIG_FLAGS" OUT="$OUT" BATCH="$BATCH" DOUBLE_BATCH="$DOUBLE_BATCH" \
+    TOTAL_BUDGET_S=$(( $(left) - PROFILE_S - TSM_TRITON_S )) bash scripts/run_gpu_benchmark.sh
+
+# TSM50 with XLA's Triton GEMM fusions on, which tcvm_jax/xla_options.py turns off for
+# TSM programs (XLA aborted compiling TSM50 with them on 2026-11-26): an A/B against the
+# defaults, the fusions on alone and with model.conv1x1_kernel=pallas_all (conv_a then
+# reads the shifted input through a Pallas call: the suspected trigger gone). One process
+# each, so an abort in one leaves the other; their defaults come from the compilation
+# cache (the benchmark's TSM50 phase compiled the same program).
+TSM_TRITON_VARIANTS=(
+  "triton_gemm=--xla_gpu_enable_triton_gemm=true"
+  "triton_gemm_pallas_all=--xla_gpu_enable_triton_gemm=true --config.model.conv1x1_kernel=pallas_all"
+)
+say "=== tsm_triton ($(left)s left)"
+: > "$OUT/tsm_triton.log"
+for variant in "${TSM_TRITON_VARIANTS[@]}"; do
+  name=${variant%%=*}
+  budget=$(( $(left) - PROFILE_S ))
+  (( budget > 75 )) && budget=75
+  if (( budget < 40 )); then
+    say "SKIP tsm_triton $name: ${budget}s left" | tee -a "$OUT/tsm_triton.log"
+    continue
+  fi
+  run_logged "$budget" "$OUT/tsm_triton.log" "$PYTHON" benchmarks/options_ab.py \
+      --config="${TSM_CONFIG:-configs/pretrain.py:tsm50}" --batch_size="$BATCH" \
+      --dtype=bfloat16 --variant="$variant" --rounds=4 --nocontrol \
+      --json="$OUT/tsm_triton_$name.json"
+  say "tsm_triton $name finished with exit code $?" | tee -a "$OUT/tsm_triton.log"
+done
 
 say "=== profile with the winners ($(left)s left)"
 # shellcheck disable=SC2086

@@ -25,10 +25,10 @@
 # and PyYAML, which are there).
 #
 # Knobs (environment): BATCH (default 32), STEPS (20), WARMUP (3), TOTAL_BUDGET_S (330),
-# PHASE_TIMEOUT_S (170), TORCH_COMPILE (1), R3D_CONFIG (configs/pretrain.py), TSM_CONFIG
-# (configs/pretrain.py:tsm50; both changeable for a dry run on CPU), EXTRA_FLAGS (config
-# overrides passed to every JAX run, the loop's too; scripts/gpu_session.sh sets them, and
-# XLA_FLAGS, from its A/B).
+# PHASE_TIMEOUT_S (170), TORCH_COMPILE (1), DOUBLE_BATCH (1; 0 skips phase 3), R3D_CONFIG
+# (configs/pretrain.py), TSM_CONFIG (configs/pretrain.py:tsm50; both changeable for a dry
+# run on CPU), EXTRA_FLAGS (config overrides passed to every JAX run, the loop's too;
+# scripts/gpu_session.sh sets them, and XLA_FLAGS, from its A/B).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -39,6 +39,7 @@ WARMUP=${WARMUP:-3}
 TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-330}
 PHASE_TIMEOUT_S=${PHASE_TIMEOUT_S:-170}
 TORCH_COMPILE=${TORCH_COMPILE:-1}
+DOUBLE_BATCH=${DOUBLE_BATCH:-1}
 EXTRA_FLAGS=${EXTRA_FLAGS:-}
 R3D_CONFIG=${R3D_CONFIG:-configs/pretrain.py}
 TSM_CONFIG=${TSM_CONFIG:-configs/pretrain.py:tsm50}
@@ -100,7 +101,9 @@ if [ "$TORCH_COMPILE" = 1 ] && [ -f "$OUT/r3d50_bf16.json" ]; then
 fi
 # The same step at twice the batch, JAX only: what a larger per-GPU batch buys (B = 64
 # ran 10 % more videos/s than B = 32 in the morning of 2026-11-26).
-phase r3d50_bf16_b64 50 --config="$R3D_CONFIG" --batch_size=$(( 2 * BATCH )) --no_torch
+if [ "$DOUBLE_BATCH" = 1 ]; then
+  phase r3d50_bf16_b64 50 --config="$R3D_CONFIG" --batch_size=$(( 2 * BATCH )) --no_torch
+fi
 phase tsm50_bf16 60 --config="$TSM_CONFIG" --torch_timeout_s=60
 # The loop: prefetched random input, metrics read one step behind, a checkpoint at the end.
 budget=$(left)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tcvm_jax import layers, stem
+from tcvm_jax import conv1x1_kernel, layers, stem
 
 Dtype = Any
 
@@ -73,7 +73,7 @@ class Bottleneck(nnx.Module):
                            rngs=rngs)
     self.shift_div = shift_div
     self.block_relu_gradient = block_relu_gradient
-    # 'auto' = 'xla' until measured on a GPU (docs/performance.md).
+    # 'auto' = 'xla': faster on an H200 than either kernel value (docs/performance.md).
     self.conv1x1_kernel = "xla" if conv1x1_kernel == "auto" else conv1x1_kernel
     self.conv_a = conv(in_features, inner_features, (temporal_kernel, 1, 1))
     self.bn_a = bn(inner_features)
@@ -90,29 +90,43 @@ class Bottleneck(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = temporal_shift(x, self.shift_div) if self.shift_div else x
     residual = nnx.relu(self._conv_bn(self.conv_a, self.bn_a, residual))
-    if self.conv1x1_kernel == "pallas":
+    if self._fuses(self.conv_c):
       # bn_b + ReLU run inside conv_c's kernel, which also sums its output for bn_c.
       conv_b_out = self.conv_b(residual)
       residual = self.bn_c.from_sums(*layers.conv1x1_with_statistics(
-          self.conv_c, conv_b_out, self.bn_b.affine(conv_b_out)))
+          self.conv_c, conv_b_out, self.bn_b.affine(conv_b_out),
+          backward_kernel=self._fuses(self.conv_c, backward=True)))
     else:
       residual = nnx.relu(self.bn_b(self.conv_b(residual)))
       residual = self.bn_c(self.conv_c(residual))
     shortcut = x
     if self.shortcut_conv is not None:
       shortcut = self._conv_bn(self.shortcut_conv, self.shortcut_bn, x)
-    # 'auto' = from_input (autodiff's ReLU) until measured on a GPU; see layers.
+    # 'auto' = from_input (autodiff's ReLU): from_output gained nothing on an H200; layers.
     if self.block_relu_gradient == "from_output":
       return layers.relu_grad_from_output(residual + shortcut)
     return nnx.relu(residual + shortcut)
 
   def _conv_bn(self, conv: layers.VideoConv, bn: layers.BatchNorm, x: jax.Array
                ) -> jax.Array:
-    """bn(conv(x)); with model.conv1x1_kernel='pallas' a stride-1 1x1 conv sums its
-    output for bn in the same pass."""
-    if self.conv1x1_kernel == "pallas" and layers.is_pointwise(conv):
+    """bn(conv(x)); with model.conv1x1_kernel 'pallas' or 'pallas_all' a stride-1 1x1
+    conv (`_fuses`) sums its output for bn in the same pass."""
+    if self._fuses(conv):
       return bn.from_sums(*layers.conv1x1_with_statistics(conv, x))
     return bn(conv(x))
+
+  def _fuses(self, conv: layers.VideoConv, backward: bool = False) -> bool:
+    """Whether `conv` runs as `conv1x1_kernel`'s forward kernel (`backward`: its input
+    gradient as the input-gradient kernel): with 'pallas_all' every stride-1 1x1 conv,
+    with 'pallas' those whose FLOPs per byte are within what the kernel was measured to
+    win at (conv1x1_kernel.FORWARD_MAX_FLOPS_PER_BYTE, INPUT_GRAD_MAX_FLOPS_PER_BYTE)."""
+    if self.conv1x1_kernel == "xla" or not layers.is_pointwise(conv):
+      return False
+    if self.conv1x1_kernel == "pallas_all":
+      return True
+    limit = (conv1x1_kernel.INPUT_GRAD_MAX_FLOPS_PER_BYTE if backward
+             else conv1x1_kernel.FORWARD_MAX_FLOPS_PER_BYTE)
+    return conv1x1_kernel.flops_per_byte(conv.in_features, conv.out_features) <= limit
 
 
 class VideoResNet(nnx.Module):

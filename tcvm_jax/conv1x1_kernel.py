@@ -59,12 +59,34 @@ class Tiling(NamedTuple):
   """The kernels' tile sizes (powers of two, >= 16 for Triton's dot) and launch
   settings: block_m rows by block_n output channels per program, block_k contracted
   channels per step (the input-gradient kernel's outputs are x's channels, it contracts
-  over y's). `benchmarks/conv1x1_variants.py` times the choices on a GPU."""
+  over y's). `benchmarks/conv1x1_variants.py` times the choices on a GPU; on an H200 the
+  default was the fastest of six, or within 6 % of it, on each of R3D50's stage 1-2
+  shapes (2026-11-27)."""
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 3
+
+
+# Where the kernels beat XLA's ops timed alone, per conv, by its FLOPs per byte
+# (`flops_per_byte`): what model.conv1x1_kernel='pallas' fuses ('pallas_all' fuses every
+# stride-1 1x1 conv). Measured on an H200 (2026-11-27, benchmarks/results/2026-11-27_h200_c/).
+# The forward kernel ran stages 3-4's conv_c (256 -> 1024 and 512 -> 2048 channels, 205
+# and 410 FLOPs per byte) at ~190 TFLOP/s, 0.136 ms a call, where the matmul is
+# compute-bound; it beat XLA on stages 1-2's convs (<= 102). The input-gradient kernel
+# beat XLA's backward on stage 1's conv_c (51; forward + backward 1.014 against 1.085 ms)
+# and lost on stage 2's (102; 0.704 against 0.613 ms). In the whole R3D50 step neither
+# paid: 'pallas' 1.9 % and 'pallas_all' 3.8 % slower than 'xla' (chained steps).
+FORWARD_MAX_FLOPS_PER_BYTE = 128
+INPUT_GRAD_MAX_FLOPS_PER_BYTE = 64
+
+
+def flops_per_byte(in_features: int, out_features: int) -> float:
+  """A 1x1 conv's FLOPs per byte of the rows it reads and writes in a 2-byte dtype:
+  2 * in * out FLOPs over 2 * (in + out) bytes a row (the weights, read once per tile,
+  left out). The input gradient's matmul has the same."""
+  return in_features * out_features / (in_features + out_features)
 
 
 def normalised_input(x: jax.Array, affine: Affine | None) -> jax.Array:

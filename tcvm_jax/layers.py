@@ -389,7 +389,7 @@ class VideoConv(nnx.Module):
     return y.reshape(batch, frames, *y.shape[1:])
 
 
-CONV1X1_KERNELS = ("auto", "xla", "pallas")
+CONV1X1_KERNELS = ("auto", "xla", "pallas", "pallas_all")
 
 
 def is_pointwise(conv: VideoConv) -> bool:
@@ -399,14 +399,16 @@ def is_pointwise(conv: VideoConv) -> bool:
 
 
 def conv1x1_with_statistics(conv: VideoConv, x: jax.Array,
-                            affine: conv1x1_kernel.Affine | None = None
+                            affine: conv1x1_kernel.Affine | None = None, *,
+                            backward_kernel: bool = True
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`conv`, a (1, 1, 1) stride-1 VideoConv, of relu(affine(x)) (of x without `affine`),
   with the per-channel sums of its output and their squares over all other axes (float32;
   over x as the program sees it: the global batch under jit, this device's part inside
   shard_map): (y, sum, sum of squares). On CUDA one Pallas kernel computes all three
   (`conv1x1_kernel`: the normalised input and a second read of y never go through
-  memory; split over the devices by rows); elsewhere the same by XLA ops."""
+  memory; split over the devices by rows; with `affine` and `backward_kernel` another
+  kernel computes the input's gradient); elsewhere the same by XLA ops."""
   if not is_pointwise(conv):
     raise ValueError(f"conv1x1_with_statistics takes a (1, 1, 1) stride-1 conv; got "
                      f"kernel {conv.kernel_size}, stride {conv.stride}.")
@@ -416,7 +418,8 @@ def conv1x1_with_statistics(conv: VideoConv, x: jax.Array,
   dtype = _compute_dtype(conv.dtype, x, kernel)
   rows = x.astype(dtype).reshape(-1, conv.in_features)
   y, total, total_sq = jax.lax.platform_dependent(
-      rows, kernel[0, 0, 0].astype(dtype), affine, cuda=conv1x1_kernel.conv1x1_stats,
+      rows, kernel[0, 0, 0].astype(dtype), affine,
+      cuda=functools.partial(conv1x1_kernel.conv1x1_stats, backward_kernel=backward_kernel),
       default=conv1x1_kernel.conv1x1_stats_reference)
   return y.reshape(*x.shape[:-1], conv.out_features), total, total_sq
 

@@ -185,6 +185,39 @@ def test_backbone_fused_path_matches_the_xla_path(name):
   assert any(float(jnp.max(jnp.abs(v - 1.0))) > 1e-3 for v in jax.tree.leaves(fused[2]))
 
 
+def _r3d50_kernel_use(choice: str) -> tuple[list, list]:
+  """R3D50's (stage, in, out) of the 1x1 convs the forward kernel runs and of those whose
+  input gradient the input-gradient kernel computes, under model.conv1x1_kernel=choice."""
+  model = nnx.eval_shape(lambda: backbones.get_backbone(
+      "r3d50", conv1x1_kernel=choice, rngs=nnx.Rngs(0)))
+  forward, backward = [], []
+  blocks = [(stage, block) for stage, blocks in enumerate(model.stages, start=1)
+            for block in blocks]
+  assert len(blocks) == 3 + 4 + 6 + 3
+  for stage, block in blocks:
+    for conv in (block.conv_a, block.conv_c, block.shortcut_conv):
+      if conv is not None and block._fuses(conv):  # pylint: disable=protected-access
+        forward.append((stage, conv.in_features, conv.out_features))
+    if block._fuses(block.conv_c, backward=True):  # pylint: disable=protected-access
+      backward.append((stage, block.conv_c.in_features, block.conv_c.out_features))
+  return forward, backward
+
+
+def test_pallas_fuses_the_memory_bound_convs_and_pallas_all_every_one():
+  # By hand: stages 1-2's 1x1 convs (3 + 1 + 1 + 2 and 4 + 1 + 3 calls: conv_c, block 1's
+  # conv_a and stage 1's stride-1 shortcut, the other blocks' conv_a) are at most 102
+  # FLOPs per byte; stages 3-4's conv_c (256 -> 1024, 512 -> 2048) are 205 and 410 and
+  # stay XLA matmuls. Only stage 1's conv_c (51) takes the input-gradient kernel.
+  forward, backward = _r3d50_kernel_use("pallas")
+  assert len(forward) == 15 and {stage for stage, *_ in forward} == {1, 2}
+  assert backward == [(1, 64, 256)] * 3
+  forward_all, backward_all = _r3d50_kernel_use("pallas_all")
+  assert len(forward_all) == 24 and len(backward_all) == 3 + 4 + 6 + 3
+  assert set(forward) < set(forward_all)
+  assert _r3d50_kernel_use("auto") == _r3d50_kernel_use("xla") == ([], [])
+  assert ck.flops_per_byte(128, 512) == pytest.approx(102.4)
+
+
 def test_bad_choice_is_named():
   with pytest.raises(ValueError, match="conv1x1_kernel"):
     backbones.get_backbone("r3d_tiny", conv1x1_kernel="cudnn", rngs=nnx.Rngs(0))
@@ -252,3 +285,24 @@ def test_four_devices_split_the_rows_and_add_up_the_sums():
   assert report["max_rel_diff"] < 1e-5
   assert report["x_grad_spec"] == "P('data',)" and report["rows_per_device"] == [256 // 4]
   assert report["largest_all_gather"] == 0 and report["all_reduces"] >= 1
+
+
+@pytest.mark.parametrize("backward_kernel, triton_calls", [(True, 2), (False, 1)])
+def test_the_layer_passes_the_backward_kernel_choice_to_cuda(backward_kernel, triton_calls):
+  # conv1x1_with_statistics behind bn_b, differentiated and lowered for CUDA: the forward
+  # kernel, and the input-gradient kernel only when asked for ('pallas' leaves it out
+  # above 64 FLOPs per byte). On the CPU neither (the XLA reference).
+  conv = layers.VideoConv(64, 256, (1, 1, 1), rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 4, 8, 8, 64), jnp.bfloat16)
+  affine = ck.Affine(jnp.zeros(64), jnp.ones(64), jnp.zeros(64))
+
+  def loss(x):
+    y, total, total_sq = layers.conv1x1_with_statistics(
+        conv, x, affine, backward_kernel=backward_kernel)
+    return y.astype(jnp.float32).sum() + total.sum() + total_sq.sum()
+
+  triton_call = "stablehlo.custom_call @__gpu$xla.gpu.triton"
+  lowered = {platform: jax.jit(jax.grad(loss)).trace(x).lower(
+      lowering_platforms=(platform,)).as_text() for platform in ("cuda", "cpu")}
+  assert lowered["cuda"].count(triton_call) == triton_calls
+  assert lowered["cpu"].count(triton_call) == 0

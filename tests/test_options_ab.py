@@ -206,21 +206,25 @@ def test_gpu_session_variants_parse_and_set_existing_config_fields():
   # A typo here would only show on the rarely lent GPU machine; catch it on CPU.
   with open(os.path.join(REPO_ROOT, "scripts", "gpu_session.sh")) as f:
     script = f.read()
-  # The A/B's variants: the NAME=FLAGS entries of the script's LEVERS=( ... ) array.
-  levers = re.search(r"^LEVERS=\(\n(.*?)^\)", script, re.MULTILINE | re.DOTALL)
-  assert levers is not None
-  specs = levers.group(1).split()
-  assert len(specs) >= 2 and all(re.fullmatch(r"\w+=--\S+", spec) for spec in specs)
-  variants = ab_rounds.option_variants(specs)
-  config = pretrain.get_config()
-  for _, _, options, overrides in variants:
-    assert all(name.startswith("xla_gpu_") for name in options)
-    changed = ab_rounds.apply_overrides(config, overrides)
-    for field, text in overrides.items():
-      node = changed
-      for part in field.split("."):
-        node = node[part]
-      assert str(node) == text
+  # The A/Bs' variants: the NAME=FLAGS entries of the script's LEVERS=( ... ) array (the
+  # R3D50 step's; empty when no lever waits) and of TSM_TRITON_VARIANTS=( ... ) (TSM50's,
+  # quoted: several flags each).
+  levers = re.search(r"^LEVERS=\((.*?)\)", script, re.MULTILINE | re.DOTALL)
+  tsm = re.search(r"^TSM_TRITON_VARIANTS=\(\n(.*?)^\)", script, re.MULTILINE | re.DOTALL)
+  assert levers is not None and tsm is not None
+  tsm_specs = re.findall(r'^\s*"([^"]+)"$', tsm.group(1), re.MULTILINE)
+  assert len(tsm_specs) == len(tsm.group(1).strip().splitlines()) == 2
+  for specs, preset in ((levers.group(1).split(), ""), (tsm_specs, "tsm50")):
+    assert all(re.fullmatch(r"\w+=--\S+( --\S+)*", spec) for spec in specs)
+    config = pretrain.get_config(preset)
+    for _, _, options, overrides in ab_rounds.option_variants(specs):
+      assert all(name.startswith("xla_gpu_") for name in options)
+      changed = ab_rounds.apply_overrides(config, overrides)
+      for field, text in overrides.items():
+        node = changed
+        for part in field.split("."):
+          node = node[part]
+        assert str(node) == text
   completed = subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, "scripts",
                                                           "gpu_session.sh")],
                              capture_output=True, text=True, timeout=60)

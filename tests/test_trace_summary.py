@@ -247,6 +247,10 @@ def test_cublas_kernels_in_command_buffers_are_matched_in_program_order(
     ("Memset 3", "copy/transpose"),
     ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add>",
      "other"),
+    # Pallas kernels inside a command buffer (2026-11-27 H200 trace with conv1x1_kernel).
+    ("conv1x1_stats__7", "matmul"),
+    ("conv1x1_stats_input_grad__2", "matmul"),
+    ("_frame_kernel", "elementwise"),
 ])
 def test_library_kernels_are_categorised_by_name(kernel, category):
   assert trace_summary.kernel_category(kernel) == category
