@@ -59,13 +59,11 @@ def tiling_name(tiling: ck.Tiling) -> str:
   return "pallas_{}x{}x{}_w{}_s{}".format(*tiling)
 
 
-def backbone_calls(config, batch_size: int, conv1x1_kernel: str = "pallas_all"
-                   ) -> collections.Counter:
+def backbone_calls(config, batch_size: int) -> collections.Counter:
   """Counter of the `Shape`s the config's backbone calls `conv1x1_with_statistics` with,
   over one forward pass of the step's pseudo-videos (traced, nothing computed), with
-  model.conv1x1_kernel=`conv1x1_kernel` (by default every 1x1 conv the kernel can take:
-  all are timed)."""
-  options = dict(backbones.compute_options(config.model), conv1x1_kernel=conv1x1_kernel)
+  model.conv1x1_kernel='pallas_all' (every 1x1 conv the kernel can take: all are timed)."""
+  options = dict(backbones.compute_options(config.model), conv1x1_kernel="pallas_all")
   backbone = nnx.eval_shape(lambda: backbones.get_backbone(
       config.model.backbone, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), **options))
   graphdef, state = nnx.split(backbone)

@@ -235,7 +235,7 @@ def categorize(info: dict[str, Any] | None, computations: dict[str, list[str]]) 
   if opcode == "dot" or "gemm" in target or "matmul" in target or info["triton_gemm"]:
     return "matmul"
   if "xla.gpu.triton" in target:  # a Pallas kernel: the fused 1x1 conv, or the jitter
-    return "matmul" if "conv1x1_stats" in info["op_name"] else "elementwise"
+    return pallas_category(info["op_name"])
   if opcode in ("copy", "transpose", "copy-start", "copy-done"):
     return "copy/transpose"
   if opcode == "fusion":
@@ -258,10 +258,17 @@ def categorize(info: dict[str, Any] | None, computations: dict[str, list[str]]) 
   return "other"
 
 
-# This package's Pallas kernels, which a command buffer (CUDA graph) names after the
-# kernel, not the instruction: the 1x1 convs' (tcvm_jax/conv1x1_kernel.py, "conv" in their
-# name) are matmuls, the colour jitter's (tcvm_jax/jitter_kernel.py) elementwise.
-PALLAS_KERNEL_CATEGORIES = (("conv1x1_stats", "matmul"), ("_frame_kernel", "elementwise"))
+# This package's Pallas kernels by the names a command buffer (CUDA graph) gives them,
+# the kernel's rather than the instruction's: the 1x1 convs' (tcvm_jax/conv1x1_kernel.py)
+# and the colour jitter's (tcvm_jax/jitter_kernel.py).
+PALLAS_KERNEL_NAMES = ("conv1x1_stats", "_frame_kernel")
+
+
+def pallas_category(name: str) -> str:
+  """Category of one of this package's Pallas kernels from its op or kernel name: the
+  fused 1x1 convs are matmuls ("conv" in their name notwithstanding), the rest
+  elementwise."""
+  return "matmul" if "conv1x1_stats" in name else "elementwise"
 
 
 def kernel_category(kernel_name: str) -> str:
@@ -269,9 +276,8 @@ def kernel_category(kernel_name: str) -> str:
   matmul, batch norm, copy/transpose or other (and this package's Pallas kernels'). XLA's
   own kernels are categorised from their HLO instead; PyTorch's profile
   (benchmarks/torch_profile.py) uses this too."""
-  for prefix, category in PALLAS_KERNEL_CATEGORIES:
-    if kernel_name.startswith(prefix):
-      return category
+  if kernel_name.startswith(PALLAS_KERNEL_NAMES):
+    return pallas_category(kernel_name)
   lowered = kernel_name.lower()
   if any(k in lowered for k in ("fprop", "dgrad", "wgrad", "conv", "implicit_gemm", "cudnn",
                                 "nhwc")):
