@@ -5,7 +5,10 @@
 #
 #   1. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
 #               alternating rounds): the defaults against each of LEVERS below, if any.
-#               None now: the last ones were decided on an H200 on 2026-11-27
+#               Now model.bn_fold: BatchNorm folded into the 1x1 convs that widen >= 4x
+#               (conv_c, stage 1's shortcut) or >= 2x (every shortcut too)
+#               (tcvm_jax/folded_batch_norm.py; not yet run on a GPU). The
+#               ones before were decided on an H200 on 2026-11-27
 #               (benchmarks/results/2026-11-27_h200_c/): the tree state 2.2 % and the
 #               block stem's pool gradient by selects 0.1 % against the defaults, the
 #               blocks' 1x1 convs as Pallas kernels ('pallas' 1.9 %, 'pallas_all' 3.8 %
@@ -96,8 +99,11 @@ if [ ! -f "$OUT/augment.json" ] && (( rc == 134 || rc == 139 )); then
   echo "--config.augment.jitter_kernel=xla" > "$OUT/augment_winner.txt"
 fi
 
-# NAME=--flag ... (the variants to A/B against the defaults; none now, see above).
-LEVERS=()
+# NAME=--flag ... (the variants to A/B against the defaults, see above).
+LEVERS=(
+  bn_fold_4x=--config.model.bn_fold=widening_4x
+  bn_fold_2x=--config.model.bn_fold=widening_2x
+)
 # levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
 # first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the
 # headline ratio, in one call), PROFILE_S and TSM_TRITON_S.

@@ -64,6 +64,7 @@ class Bottleneck(nnx.Module):
       bn_statistics: str = "auto",
       block_relu_gradient: str = "auto",
       conv1x1_kernel: str = "auto",
+      bn_fold: str = "auto",
       rngs: nnx.Rngs,
   ):
     out_features = 4 * inner_features
@@ -75,6 +76,8 @@ class Bottleneck(nnx.Module):
     self.block_relu_gradient = block_relu_gradient
     # 'auto' = 'xla': faster on an H200 than either kernel value (docs/performance.md).
     self.conv1x1_kernel = "xla" if conv1x1_kernel == "auto" else conv1x1_kernel
+    # 'auto' = 'none' until the GPU A/B decides (docs/performance.md).
+    self.bn_fold = "none" if bn_fold == "auto" else bn_fold
     self.conv_a = conv(in_features, inner_features, (temporal_kernel, 1, 1))
     self.bn_a = bn(inner_features)
     self.conv_b = conv(inner_features, inner_features, (1, 3, 3), stride=stride)
@@ -98,7 +101,7 @@ class Bottleneck(nnx.Module):
           backward_kernel=self._fuses(self.conv_c, backward=True)))
     else:
       residual = nnx.relu(self.bn_b(self.conv_b(residual)))
-      residual = self.bn_c(self.conv_c(residual))
+      residual = self._conv_bn(self.conv_c, self.bn_c, residual)
     shortcut = x
     if self.shortcut_conv is not None:
       shortcut = self._conv_bn(self.shortcut_conv, self.shortcut_bn, x)
@@ -109,11 +112,25 @@ class Bottleneck(nnx.Module):
 
   def _conv_bn(self, conv: layers.VideoConv, bn: layers.BatchNorm, x: jax.Array
                ) -> jax.Array:
-    """bn(conv(x)); with model.conv1x1_kernel 'pallas' or 'pallas_all' a stride-1 1x1
-    conv (`_fuses`) sums its output for bn in the same pass."""
+    """bn(conv(x)); with model.bn_fold set, a widening 1x1 conv (`_folds`) trains with
+    bn folded into its weights; with model.conv1x1_kernel 'pallas' or
+    'pallas_all' a stride-1 1x1 conv (`_fuses`) sums its output for bn in the same pass."""
+    if self._folds(conv):
+      return bn.conv1x1_folded(conv, x)
     if self._fuses(conv):
       return bn.from_sums(*layers.conv1x1_with_statistics(conv, x))
     return bn(conv(x))
+
+  def _folds(self, conv: layers.VideoConv) -> bool:
+    """Whether `conv` trains with its BatchNorm folded into its weights: a 1x1 conv with
+    >= 4x as many outputs as inputs with model.bn_fold 'widening_4x' (each block's conv_c,
+    stage 1's projection shortcut), >= 2x with 'widening_2x' (the other shortcuts too).
+    Folding adds in / out of the conv's FLOPs and saves memory passes over its output
+    (folded_batch_norm): the wider the output, the better the trade."""
+    if self.bn_fold == "none" or conv.kernel_size != (1, 1, 1):
+      return False
+    widening = 4 if self.bn_fold == "widening_4x" else 2
+    return conv.out_features >= widening * conv.in_features
 
   def _fuses(self, conv: layers.VideoConv, backward: bool = False) -> bool:
     """Whether `conv` runs as `conv1x1_kernel`'s forward kernel (`backward`: its input
@@ -154,6 +171,7 @@ class VideoResNet(nnx.Module):
       stem_pool_gradient: str = "auto",
       block_relu_gradient: str = "auto",
       conv1x1_kernel: str = "auto",
+      bn_fold: str = "auto",
       rngs: nnx.Rngs,
   ):
     if len(stage_sizes) != len(stage_temporal_kernels):
@@ -175,6 +193,13 @@ class VideoResNet(nnx.Module):
     if conv1x1_kernel not in layers.CONV1X1_KERNELS:
       raise ValueError(f"1x1 conv kernel {conv1x1_kernel!r} (model.conv1x1_kernel); choose "
                        f"from {layers.CONV1X1_KERNELS}.")
+    if bn_fold not in layers.BN_FOLDS:
+      raise ValueError(f"BatchNorm folding {bn_fold!r} (model.bn_fold); choose from "
+                       f"{layers.BN_FOLDS}.")
+    if bn_fold not in ("auto", "none") and conv1x1_kernel.startswith("pallas"):
+      # Both rewrite conv_c with its BatchNorms; one at a time.
+      raise ValueError(f"model.bn_fold={bn_fold!r} needs model.conv1x1_kernel 'auto' or "
+                       f"'xla'; got {conv1x1_kernel!r}.")
     dtype = jnp.dtype(dtype) if dtype is not None else None
     self.stem_layout = stem_layout
     self.stem_pool_gradient = stem_pool_gradient
@@ -195,7 +220,7 @@ class VideoResNet(nnx.Module):
             zero_init_residual=zero_init_residual, dtype=dtype, bn_axis_name=bn_axis_name,
             bn_momentum=bn_momentum, bn_gradient=bn_gradient, bn_statistics=bn_statistics,
             block_relu_gradient=block_relu_gradient, conv1x1_kernel=conv1x1_kernel,
-            rngs=rngs))
+            bn_fold=bn_fold, rngs=rngs))
         in_features = 4 * inner_features
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
@@ -298,7 +323,7 @@ BACKBONES: dict[str, Callable[..., VideoResNet]] = {
 
 # The config.model fields that say how the backbone computes, not what ('auto' where unset).
 COMPUTE_OPTION_FIELDS = ("bn_gradient", "bn_statistics", "stem_layout", "stem_pool_gradient",
-                         "block_relu_gradient", "conv1x1_kernel")
+                         "block_relu_gradient", "conv1x1_kernel", "bn_fold")
 
 
 def compute_options(model_config: Any) -> dict[str, str]:
@@ -318,6 +343,7 @@ def get_backbone(
     stem_pool_gradient: str = "auto",
     block_relu_gradient: str = "auto",
     conv1x1_kernel: str = "auto",
+    bn_fold: str = "auto",
     rngs: nnx.Rngs,
     **kwargs,
 ) -> VideoResNet:
@@ -329,4 +355,5 @@ def get_backbone(
                          bn_gradient=bn_gradient, bn_statistics=bn_statistics,
                          stem_layout=stem_layout, stem_pool_gradient=stem_pool_gradient,
                          block_relu_gradient=block_relu_gradient,
-                         conv1x1_kernel=conv1x1_kernel, rngs=rngs, **kwargs)
+                         conv1x1_kernel=conv1x1_kernel, bn_fold=bn_fold, rngs=rngs,
+                         **kwargs)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tcvm_jax import conv1x1_kernel, cpu_chunks, stem
+from tcvm_jax import conv1x1_kernel, cpu_chunks, folded_batch_norm, stem
 
 Dtype = Any
 
@@ -390,6 +390,10 @@ class VideoConv(nnx.Module):
 
 
 CONV1X1_KERNELS = ("auto", "xla", "pallas", "pallas_all")
+# model.bn_fold: which 1x1 convs train with their BatchNorm folded into the weights
+# (`BatchNorm.conv1x1_folded`): none, those with >= 4x or >= 2x as many outputs as inputs
+# (backbones.Bottleneck).
+BN_FOLDS = ("auto", "none", "widening_4x", "widening_2x")
 
 
 def is_pointwise(conv: VideoConv) -> bool:
@@ -667,6 +671,34 @@ class BatchNorm(nnx.BatchNorm):
                                     self.epsilon)
       self._update_running_averages(mean, var)
     return conv1x1_kernel.Affine(mean, inv_std * scale, bias.astype(jnp.float32))
+
+  def conv1x1_folded(self, conv: VideoConv, x: jax.Array) -> jax.Array:
+    """This BatchNorm of conv(x), `conv` a (1, 1, 1) VideoConv (any stride), with the
+    BatchNorm folded into the conv's weights in training (`folded_batch_norm`: the
+    statistics from x's Gram matrix, conv(x) never materialised, a closed-form gradient
+    whatever `gradient` says); the same values up to rounding, the running averages
+    updated as by __call__. Evaluation: self(conv(x))."""
+    if conv.kernel_size != (1, 1, 1):
+      raise ValueError(f"BatchNorm.conv1x1_folded takes a (1, 1, 1) conv; got kernel "
+                       f"{conv.kernel_size}.")
+    if x.ndim != 5 or x.shape[-1] != conv.in_features:
+      raise ValueError(f"Expected (B, T, H, W, {conv.in_features}); got {x.shape}.")
+    if self.use_running_average:
+      return self(conv(x))
+    self._check_split()
+    kernel = conv.kernel[...]
+    dtype = _compute_dtype(conv.dtype, x, kernel)
+    if conv.stride > 1:  # as VideoConv: a 1x1 kernel reads exactly the strided pixels
+      x = x[:, :, ::conv.stride, ::conv.stride]
+    scale, bias = self.scale[...], self.bias[...]
+    if self.dtype is not None:  # as __call__'s promote_dtype: rounded to the BN's dtype
+      scale, bias = scale.astype(self.dtype), bias.astype(self.dtype)
+    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(dtype, scale, bias)
+    z, mean, var = folded_batch_norm.conv1x1_batch_norm(
+        x.astype(dtype).reshape(-1, conv.in_features), kernel[0, 0, 0].astype(dtype), scale,
+        bias, self.epsilon, self.axis_name, out_dtype)
+    self._update_running_averages(mean, var)
+    return z.reshape(*x.shape[:-1], conv.out_features)
 
   def from_sums(self, x: jax.Array, total: jax.Array, total_sq: jax.Array) -> jax.Array:
     """This BatchNorm of x given this device's per-channel sums of x and x^2 (float32,
