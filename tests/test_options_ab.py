@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -214,7 +215,9 @@ def test_gpu_session_variants_parse_and_set_existing_config_fields():
   assert levers is not None and tsm is not None
   tsm_specs = re.findall(r'^\s*"([^"]+)"$', tsm.group(1), re.MULTILINE)
   assert len(tsm_specs) == len(tsm.group(1).strip().splitlines()) == 2
-  for specs, preset in ((levers.group(1).split(), ""), (tsm_specs, "tsm50")):
+  # shlex: LEVERS holds bare NAME=FLAG words and quoted "NAME=FLAG FLAG" ones, as bash.
+  lever_specs = shlex.split(levers.group(1), comments=True)
+  for specs, preset in ((lever_specs, ""), (tsm_specs, "tsm50")):
     assert all(re.fullmatch(r"\w+=--\S+( --\S+)*", spec) for spec in specs)
     config = pretrain.get_config(preset)
     for _, _, options, overrides in ab_rounds.option_variants(specs):
