@@ -58,6 +58,8 @@ def test_presets_are_valid(preset):
     ("model.bn_gradient", "fast", r"config\.model\.bn_gradient='fast': choose one of .*closed_form"),
     ("model.bn_statistics", "one",
      r"config\.model\.bn_statistics='one': choose one of .*one_reduction"),
+    ("model.bn_fold", "all",
+     r"config\.model\.bn_fold='all': choose one of .*widening_4x"),
     ("preset", "big", r"config\.preset='big': choose one of"),
     ("eval_retrieval", "k400", r"config\.eval_retrieval='k400': choose one of \('ucf101'"),
 ])

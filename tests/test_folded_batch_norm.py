@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tcvm_jax import backbones, folded_batch_norm, layers
+from configs import pretrain
+from tcvm_jax import backbones, folded_batch_norm, layers, model as model_lib
 from train_test_utils import REPO_ROOT, subprocess_env
 
 EPS = 1e-5
@@ -293,6 +294,15 @@ def test_r3d50_folds_the_widening_convs_and_only_those(monkeypatch):
   assert _folded_convs(monkeypatch, "widening_2x") == sorted(
       conv_c + [(64, 256), (256, 512), (512, 1024), (1024, 2048)])
   assert _folded_convs(monkeypatch, "auto") == _folded_convs(monkeypatch, "none") == []
+
+
+def test_config_field_reaches_every_block():
+  config = pretrain.get_config("demo")
+  config.model.bn_fold = "widening_4x"
+  model = nnx.eval_shape(lambda: model_lib.build_model(config, rngs=nnx.Rngs(0)))
+  blocks = [m for _, m in nnx.iter_modules(model) if isinstance(m, backbones.Bottleneck)]
+  assert config.model.backbone == "r3d_tiny" and len(blocks) == 4  # a block per stage
+  assert all(block.bn_fold == "widening_4x" for block in blocks)
 
 
 def test_bad_choices_are_named():
