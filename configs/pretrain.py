@@ -117,11 +117,12 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # xla: on an H200 the kernels made the R3D50 step 1.9 % ('pallas') and 3.8 % slower.
   model.conv1x1_kernel = "auto"
   # Training-mode BatchNorm after the blocks' widening 1x1 convs: 'none' (conv, then
-  # BatchNorm) or folded into the conv's weights, statistics from the input's Gram matrix
-  # (the conv's output is never written or re-read; in / out more FLOPs;
-  # tcvm_jax/folded_batch_norm.py) for the convs that widen >= 4x ('widening_4x': conv_c,
-  # stage 1's shortcut) or >= 2x ('widening_2x': every shortcut too). The same values up
-  # to rounding. 'auto' = none until measured on a GPU. Needs conv1x1_kernel 'auto'/'xla'.
+  # BatchNorm) or folded into the conv: statistics from the input's Gram matrix, gradient
+  # from the weight gradient's matmul (the conv's output is read once, to normalise it;
+  # in / out more FLOPs; tcvm_jax/folded_batch_norm.py) for the convs that widen >= 4x
+  # ('widening_4x': conv_c, stage 1's shortcut) or >= 2x ('widening_2x': every shortcut
+  # too). The same values up to rounding. 'auto' = none until measured on a GPU. Needs
+  # conv1x1_kernel 'auto' or 'xla'.
   model.bn_fold = "auto"
   model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
   model.tc_second_order = False     # D^2 in Table 3c.

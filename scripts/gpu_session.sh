@@ -101,7 +101,7 @@ if [ ! -f "$OUT/augment.json" ] && (( rc == 134 || rc == 139 )); then
 fi
 
 # NAME=--flag ... (the variants to A/B against the defaults, see above).
-# The last: with conv_c's output never materialised, the block-end ReLU's mask from the
+# The last: with conv_c's output kept for nothing, the block-end ReLU's mask from the
 # pre-activation sum (autodiff, 'from_input') is the one wide tensor kept for the
 # backward that 'from_output' (the block's output, kept anyway) does without.
 LEVERS=(

@@ -113,8 +113,8 @@ class Bottleneck(nnx.Module):
   def _conv_bn(self, conv: layers.VideoConv, bn: layers.BatchNorm, x: jax.Array
                ) -> jax.Array:
     """bn(conv(x)); with model.bn_fold set, a widening 1x1 conv (`_folds`) trains with
-    bn folded into its weights; with model.conv1x1_kernel 'pallas' or
-    'pallas_all' a stride-1 1x1 conv (`_fuses`) sums its output for bn in the same pass."""
+    bn folded into the conv; with model.conv1x1_kernel 'pallas' or 'pallas_all' a
+    stride-1 1x1 conv (`_fuses`) sums its output for bn in the same pass."""
     if self._folds(conv):
       return bn.conv1x1_folded(conv, x)
     if self._fuses(conv):
@@ -122,9 +122,9 @@ class Bottleneck(nnx.Module):
     return bn(conv(x))
 
   def _folds(self, conv: layers.VideoConv) -> bool:
-    """Whether `conv` trains with its BatchNorm folded into its weights: a 1x1 conv with
-    >= 4x as many outputs as inputs with model.bn_fold 'widening_4x' (each block's conv_c,
-    stage 1's projection shortcut), >= 2x with 'widening_2x' (the other shortcuts too).
+    """Whether `conv` trains with its BatchNorm folded into it: a 1x1 conv with >= 4x as
+    many outputs as inputs with model.bn_fold 'widening_4x' (each block's conv_c, stage
+    1's projection shortcut), >= 2x with 'widening_2x' (the other shortcuts too).
     Folding adds in / out of the conv's FLOPs and saves memory passes over its output
     (folded_batch_norm): the wider the output, the better the trade."""
     if self.bn_fold == "none" or conv.kernel_size != (1, 1, 1):

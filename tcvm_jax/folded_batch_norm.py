@@ -1,26 +1,29 @@
-"""A 1x1 convolution and the training-mode BatchNorm after it as one op that never
-materialises the convolution's output: BatchNorm folded into the weights.
+"""A 1x1 convolution and the training-mode BatchNorm after it as one op whose statistics
+and gradient never read the convolution's output.
 
 For rows x (N, Cin) and weights W (Cin, Cout), y = x W has
   mean(y) = mean(x) W  and  var(y)_c = W_c^T Cov(x) W_c,
 so the batch statistics come from x's column sums and its Gram matrix x^T x (Cin x Cin),
-and the normalised output is ONE matmul with a bias:
-  z = (y - mean) * gain + bias = x (W * gain) + (bias - mean * gain),  gain = scale / std.
-The gradient needs no y either. With g = dL/dz, the BatchNorm backward's two sums are
-sum(g) and sum(g * y) = colsum(W * x^T g), and x^T g is the weight gradient's own matmul;
-dL/dy = gain * g + u * y + v (per-channel u, v), hence
+and the output is the matmul and one pass that scales and shifts it:
+  z = (y - mean) * gain + bias = y * gain + (bias - mean * gain),  gain = scale / std.
+The gradient needs neither y nor dL/dy. With g = dL/dz, the BatchNorm backward's two sums
+are sum(g) and sum(g * y) = colsum(W * x^T g), and x^T g is the weight gradient's own
+matmul; dL/dy = gain * g + u * y + v (per-channel u, v), hence
   dW = (x^T g) * gain + (x^T x W) * u + sum(x)^T v,
   dx = g (W * gain)^T + x (W diag(u) W^T) + v W^T.
-What this saves is memory traffic: y (Cout wide) is never written, re-read for the
-statistics, re-read for the normalisation, nor are its gradient and a second copy of g.
-What it costs is the Gram matmul forward and the x (W diag(u) W^T) matmul backward,
-Cin / Cout of the convolution's FLOPs each: a quarter for a bottleneck's conv_c (Cin =
-Cout / 4), so it is for convs that widen (`model.bn_fold`, backbones.Bottleneck._folds).
+What this saves is memory traffic over the wide output: y is written once and read once
+(by the pass that normalises it), never for its statistics, never in the backward pass;
+dL/dy is never formed. What it costs is the Gram matmul forward and the
+x (W diag(u) W^T) matmul backward, Cin / Cout of the convolution's FLOPs each: a quarter
+for a bottleneck's conv_c (Cin = Cout / 4), so it is for convs that widen
+(`model.bn_fold`, backbones.Bottleneck._folds).
 
 Numerics: the variance is W^T Cov(x) W with Cov(x) = E[x x^T] - E[x] E[x]^T in float32,
 where BatchNorm computes E[y^2] - E[y]^2 of the rounded y: the same kind of cancellation,
-moved from y to x. The matmuls run in the compute dtype with float32 accumulation, as the
-convolution does; the mean is subtracted in float32 inside the bias, not from a rounded y.
+moved from y to x. y is rounded to the compute dtype as the convolution rounds it and
+normalised in float32, as BatchNorm does; the input gradient's two matmuls round their
+outputs to the compute dtype and add in float32. In bf16 the errors match conv +
+BatchNorm's (tests/test_folded_batch_norm.py).
 Under `shard_map` (`axis_name`), the sums and the Gram matrix are summed over the devices;
 the weight gradient is this device's part, summed over the devices when the kernel is
 replicated, as autodiff does for a convolution.
@@ -80,10 +83,13 @@ def _statistics(rows, kernel, epsilon, axis_name):
 
 def _normalised(rows, kernel, scale, bias, mean, inv_std, out_dtype):
   gain = inv_std * scale.astype(_F32)
-  folded = (kernel.astype(_F32) * gain).astype(rows.dtype)
   shift = bias.astype(_F32) - mean * gain
-  # The matmul in the compute dtype (as the convolution's y), the shift in float32.
-  return ((rows @ folded).astype(_F32) + shift).astype(out_dtype)
+  # y = x W rounded to the compute dtype as the convolution rounds it, then y * gain +
+  # shift in float32: BatchNorm's own arithmetic. (Folding the gain into W before the
+  # matmul rounded twice, W * gain and its product; ~2x BatchNorm's error in bf16 for
+  # inputs with means 3x their spread.) XLA writes y either way: it fuses no epilogue into
+  # its GEMMs, and the gain rides in the pass that adds the shift.
+  return ((rows @ kernel).astype(_F32) * gain + shift).astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -125,9 +131,10 @@ def _conv1x1_batch_norm_bwd(epsilon, axis_name, out_dtype, residuals, cotangents
   grad_kernel = (grad_rows_weights * gain + (gram @ weights) * centered_coef
                  + jnp.outer(row_sum, y_coef))
   compute = rows.dtype
-  grad_x = (jnp.dot(grad, (weights * gain).T.astype(compute), preferred_element_type=_F32)
-            + jnp.dot(rows, ((weights * centered_coef) @ weights.T).astype(compute),
-                      preferred_element_type=_F32)
+  # Two matmuls with outputs in the compute dtype (XLA fuses no epilogue: float32 outputs
+  # would be written and re-read at twice the bytes), summed in float32.
+  grad_x = ((grad @ (weights * gain).T.astype(compute)).astype(_F32)
+            + (rows @ ((weights * centered_coef) @ weights.T).astype(compute)).astype(_F32)
             + y_coef @ weights.T)
   return (grad_x.astype(rows.dtype),
           _summed_like(grad_kernel.astype(kernel.dtype), kernel, axis_name),

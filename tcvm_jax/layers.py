@@ -390,7 +390,7 @@ class VideoConv(nnx.Module):
 
 
 CONV1X1_KERNELS = ("auto", "xla", "pallas", "pallas_all")
-# model.bn_fold: which 1x1 convs train with their BatchNorm folded into the weights
+# model.bn_fold: which 1x1 convs train with their BatchNorm folded into the conv
 # (`BatchNorm.conv1x1_folded`): none, those with >= 4x or >= 2x as many outputs as inputs
 # (backbones.Bottleneck).
 BN_FOLDS = ("auto", "none", "widening_4x", "widening_2x")
@@ -673,11 +673,11 @@ class BatchNorm(nnx.BatchNorm):
     return conv1x1_kernel.Affine(mean, inv_std * scale, bias.astype(jnp.float32))
 
   def conv1x1_folded(self, conv: VideoConv, x: jax.Array) -> jax.Array:
-    """This BatchNorm of conv(x), `conv` a (1, 1, 1) VideoConv (any stride), with the
-    BatchNorm folded into the conv's weights in training (`folded_batch_norm`: the
-    statistics from x's Gram matrix, conv(x) never materialised, a closed-form gradient
-    whatever `gradient` says); the same values up to rounding, the running averages
-    updated as by __call__. Evaluation: self(conv(x))."""
+    """This BatchNorm of conv(x), `conv` a (1, 1, 1) VideoConv (any stride), folded into
+    the conv in training (`folded_batch_norm`: the statistics from x's Gram matrix,
+    conv(x) read only to normalise it, a closed-form gradient whatever `gradient` says);
+    the same values up to rounding, the running averages updated as by __call__.
+    Evaluation: self(conv(x))."""
     if conv.kernel_size != (1, 1, 1):
       raise ValueError(f"BatchNorm.conv1x1_folded takes a (1, 1, 1) conv; got kernel "
                        f"{conv.kernel_size}.")

@@ -94,20 +94,38 @@ def test_inputs_far_from_zero_as_accurate_as_batch_norm_itself(input_mean):
     assert folded_error <= 3 * batch_norm_error + 1e-6, errors
 
 
-def test_bfloat16_compute_lands_near_the_float32_reference():
-  x, kernel, scale, bias, weights = _inputs(512, 16, 64, seed=1)
+def plain_bfloat16(rows, kernel, scale, bias):
+  """What the step computes without folding: the conv's y rounded to bf16, then
+  BatchNorm's closed form (float32 statistics, bf16 output)."""
+  y = rows @ kernel
+  return layers.batch_norm_train(y, scale, bias, EPS, None, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("input_mean", [0.5, 3.0])
+def test_bfloat16_errors_match_conv_then_batch_norm(input_mean):
+  # Both against the float32 reference on the same bf16 inputs: the folded op may not be
+  # less accurate than what it replaces (it was 2-3x worse while it folded the gain into
+  # the weights before the matmul, at input means 3x the spread).
+  x, kernel, scale, bias, weights = _inputs(2048, 32, 128, seed=1, input_mean=input_mean)
   x16, kernel16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
   z, mean, var = jax.jit(folded, static_argnums=4)(x16, kernel16, scale, bias, jnp.bfloat16)
   assert z.dtype == jnp.bfloat16 and mean.dtype == var.dtype == jnp.float32
-  ref_z, ref_mean, ref_var = reference(x16, kernel16, scale, bias)
-  assert _relative_error(z, ref_z) < 1e-2
-  assert _relative_error(mean, ref_mean) < 1e-4 and _relative_error(var, ref_var) < 1e-4
-  _, grads = _loss_and_grads(lambda *a: folded(*a, jnp.bfloat16), weights)(
-      x16, kernel16, scale, bias)
+  outputs = {"folded": (z, mean, var), "plain": jax.jit(plain_bfloat16)(x16, kernel16, scale,
+                                                                          bias)}
+  grads = {"folded": _loss_and_grads(lambda *a: folded(*a, jnp.bfloat16), weights)(
+               x16, kernel16, scale, bias)[1],
+           "plain": _loss_and_grads(plain_bfloat16, weights)(x16, kernel16, scale, bias)[1]}
+  ref_outputs = reference(x16, kernel16, scale, bias)
   _, ref_grads = _loss_and_grads(reference, weights)(x16, kernel16, scale, bias)
-  assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
-  for grad, ref in zip(grads, ref_grads):
-    assert _relative_error(grad, ref) < 3e-2
+  assert [g.dtype for g in grads["folded"]] == [g.dtype for g in grads["plain"]] == [
+      jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
+  errors = {name: [_relative_error(a, b) for a, b in zip(
+      (*outputs[name], *grads[name]), (*ref_outputs, *ref_grads))] for name in outputs}
+  assert max(errors["plain"]) < 3e-2, errors  # bf16 at all
+  # 1.5x: the input gradient's two matmuls each round to bf16 before their sum, one
+  # rounding more than the plain path's (a bf16 ulp is 0.4-0.8 % of these maxima).
+  for folded_error, plain_error in zip(errors["folded"], errors["plain"]):
+    assert folded_error <= 1.5 * plain_error + 1e-5, errors
 
 
 _SHARDED_CHILD = """
