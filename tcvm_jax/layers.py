@@ -630,16 +630,18 @@ class BatchNorm(nnx.BatchNorm):
     self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
     self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
 
-  # The two methods below split this BatchNorm around a 1x1 convolution that applies it
+  # The methods below split this BatchNorm around a 1x1 convolution that applies it
   # (`affine`) or sums its input (`from_sums`) in the same pass (`conv1x1_with_statistics`,
-  # model.conv1x1_kernel). They always differentiate the plain ops (model.bn_gradient's
-  # 'auto' off the CPU) and need this module's usual setup: channels last, scale and bias.
+  # model.conv1x1_kernel), or fold it into one (`conv1x1_folded`, model.bn_fold). The
+  # first two differentiate the plain ops (model.bn_gradient's 'auto' off the CPU), the
+  # fold has its own closed form; all need this module's usual setup: channels last,
+  # scale and bias.
 
   def _check_split(self) -> None:
     if (self.axis != -1 or not self.use_fast_variance
         or self.axis_index_groups is not None or self.scale is None or self.bias is None):
-      raise ValueError("BatchNorm.affine/from_sums need axis=-1, use_fast_variance, no "
-                       "axis_index_groups, a scale and a bias.")
+      raise ValueError("BatchNorm.affine/from_sums/conv1x1_folded need axis=-1, "
+                       "use_fast_variance, no axis_index_groups, a scale and a bias.")
 
   def _promoted(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     # As __call__: with dtype set, scale and bias round to it before they are applied.
