@@ -6,9 +6,9 @@
 #   1. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
 #               alternating rounds): the defaults against each of LEVERS below, if any.
 #               Now model.bn_fold: BatchNorm folded into the 1x1 convs that widen >= 4x
-#               (conv_c, stage 1's shortcut) or >= 2x (every shortcut too), the first
-#               also with block_relu_gradient=from_output (tcvm_jax/folded_batch_norm.py;
-#               not yet run on a GPU; a CPU dry run of the phase took 36 s). The
+#               (conv_c, stage 1's shortcut) or >= 2x (every shortcut too)
+#               (tcvm_jax/folded_batch_norm.py; not yet run on a GPU; a CPU dry run of
+#               the phase took 36 s). The
 #               ones before were decided on an H200 on 2026-11-27
 #               (benchmarks/results/2026-11-27_h200_c/): the tree state 2.2 % and the
 #               block stem's pool gradient by selects 0.1 % against the defaults, the
@@ -100,14 +100,16 @@ if [ ! -f "$OUT/augment.json" ] && (( rc == 134 || rc == 139 )); then
   echo "--config.augment.jitter_kernel=xla" > "$OUT/augment_winner.txt"
 fi
 
-# NAME=--flag ... (the variants to A/B against the defaults, see above).
-# The last: with conv_c's output kept for nothing, the block-end ReLU's mask from the
-# pre-activation sum (autodiff, 'from_input') is the one wide tensor kept for the
-# backward that 'from_output' (the block's output, kept anyway) does without.
+# NAME=--flag ... (the variants to A/B against the defaults, see above; a variant of
+# several flags is one quoted word). Two, not three: the phase gets ~125 s after the
+# augment phase, and each variant compiles before the first round (the default ~40 s,
+# each other ~16 s on an H200). If a fold wins, A/B next on top of it:
+#   "fold_relu_out=--config.model.bn_fold=W --config.model.block_relu_gradient=from_output"
+# (with conv_c's output no longer read in the backward pass, the block-end ReLU's mask is
+# the one wide tensor kept only for that pass; the block output, kept anyway, can replace it).
 LEVERS=(
   bn_fold_4x=--config.model.bn_fold=widening_4x
   bn_fold_2x=--config.model.bn_fold=widening_2x
-  "bn_fold_4x_relu_out=--config.model.bn_fold=widening_4x --config.model.block_relu_gradient=from_output"
 )
 # levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
 # first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the
