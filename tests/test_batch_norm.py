@@ -3,10 +3,7 @@ autodiff."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +12,7 @@ import pytest
 from flax import nnx
 
 from tcvm_jax import layers
-from train_test_utils import REPO_ROOT, subprocess_env, variadic_reductions
+from train_test_utils import run_json_child, variadic_reductions
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -157,11 +154,7 @@ print(json.dumps({"devices": len(jax.devices()),
 def test_statistics_and_gradients_cover_all_devices_of_axis_name():
   """Inside shard_map over 2 devices (axis_name 'data'), the two halves of the batch
   normalise together: the values and gradients of one BatchNorm over the whole batch."""
-  completed = subprocess.run([sys.executable, "-c", _SHARDED_CHILD, TESTS_DIR],
-                             capture_output=True, text=True, env=subprocess_env(2),
-                             cwd=REPO_ROOT, timeout=300)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  errors = json.loads(completed.stdout.strip().splitlines()[-1])
+  errors = run_json_child(_SHARDED_CHILD, 2, TESTS_DIR)
   assert errors["devices"] == 2
   assert errors["values"] < 1e-5 and max(errors["grads"]) < 1e-5, errors
 

@@ -3,10 +3,6 @@ the conv followed by BatchNorm, differentiated by JAX."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +11,7 @@ from flax import nnx
 
 from configs import pretrain
 from tcvm_jax import backbones, folded_batch_norm, layers, model as model_lib
-from train_test_utils import REPO_ROOT, subprocess_env
+from train_test_utils import REPO_ROOT, run_json_child
 
 EPS = 1e-5
 
@@ -163,11 +159,7 @@ print(json.dumps({"devices": len(jax.devices()),
 def test_statistics_and_gradients_cover_all_devices_of_axis_name():
   """Inside shard_map over 2 devices, the halves of the batch normalise together and the
   kernel's gradient sums both halves: the values and gradients of the whole batch."""
-  completed = subprocess.run([sys.executable, "-c", _SHARDED_CHILD,
-                              f"{REPO_ROOT}/tests"], capture_output=True, text=True,
-                             env=subprocess_env(2), cwd=REPO_ROOT, timeout=300)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  errors = json.loads(completed.stdout.strip().splitlines()[-1])
+  errors = run_json_child(_SHARDED_CHILD, 2, f"{REPO_ROOT}/tests")
   assert errors["devices"] == 2
   assert errors["values"] < 1e-5 and max(errors["grads"]) < 1e-5, errors
 
@@ -203,11 +195,7 @@ def test_jit_over_a_batch_sharded_mesh_matches_one_device():
   """Under plain jit with the batch split over 4 devices (bn_axis_name None: XLA
   partitions the Gram and weight-gradient matmuls), the folded backbone's loss and
   gradients are those of one device."""
-  completed = subprocess.run([sys.executable, "-c", _JIT_SHARDED_CHILD,
-                              f"{REPO_ROOT}/tests"], capture_output=True, text=True,
-                             env=subprocess_env(4), cwd=REPO_ROOT, timeout=300)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  report = json.loads(completed.stdout.strip().splitlines()[-1])
+  report = run_json_child(_JIT_SHARDED_CHILD, 4, f"{REPO_ROOT}/tests")
   assert report["devices"] == 4
   assert max(report["errors"]) < 1e-4, report
 

@@ -207,16 +207,15 @@ def test_gpu_session_variants_parse_and_set_existing_config_fields():
   # A typo here would only show on the rarely lent GPU machine; catch it on CPU.
   with open(os.path.join(REPO_ROOT, "scripts", "gpu_session.sh")) as f:
     script = f.read()
-  # The A/Bs' variants: the NAME=FLAGS entries of the script's LEVERS=( ... ) array (the
-  # R3D50 step's; empty when no lever waits) and of TSM_TRITON_VARIANTS=( ... ) (TSM50's,
-  # quoted: several flags each).
-  levers = re.search(r"^LEVERS=\((.*?)\)", script, re.MULTILINE | re.DOTALL)
-  tsm = re.search(r"^TSM_TRITON_VARIANTS=\(\n(.*?)^\)", script, re.MULTILINE | re.DOTALL)
-  assert levers is not None and tsm is not None
-  tsm_specs = re.findall(r'^\s*"([^"]+)"$', tsm.group(1), re.MULTILINE)
-  assert len(tsm_specs) == len(tsm.group(1).strip().splitlines()) == 2
-  # shlex: LEVERS holds bare NAME=FLAG words and quoted "NAME=FLAG FLAG" ones, as bash.
-  lever_specs = shlex.split(levers.group(1), comments=True)
+  # The A/Bs' variants: the NAME=FLAGS words of the script's LEVERS=( ... ) array (the
+  # R3D50 step's; empty when no lever waits) and of TSM_TRITON_VARIANTS=( ... ) (TSM50's),
+  # split as bash splits them: bare words, or quoted ones holding several flags.
+  def bash_array(name):
+    body = re.search(rf'^{name}=\(((?:"[^"]*"|[^")])*)\)', script, re.MULTILINE)
+    assert body is not None, name
+    return shlex.split(body.group(1), comments=True)
+  lever_specs, tsm_specs = bash_array("LEVERS"), bash_array("TSM_TRITON_VARIANTS")
+  assert len(tsm_specs) == 2
   for specs, preset in ((lever_specs, ""), (tsm_specs, "tsm50")):
     assert all(re.fullmatch(r"\w+=--\S+( --\S+)*", spec) for spec in specs)
     config = pretrain.get_config(preset)

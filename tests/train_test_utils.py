@@ -117,6 +117,16 @@ def subprocess_env(num_devices: int) -> dict[str, str]:
   return env
 
 
+def run_json_child(code: str, num_devices: int, *args: str, timeout: float = 300) -> dict:
+  """Runs `python -c code *args` with `num_devices` simulated CPU devices from the repo
+  root; asserts it exits 0 and returns the JSON object its last stdout line prints."""
+  completed = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                             text=True, env=subprocess_env(num_devices), cwd=REPO_ROOT,
+                             timeout=timeout)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def run_helper(args: dict, num_devices: int = 1, timeout: float = 300
                ) -> tuple[int, dict | None, str]:
   return finish(start_helper(args, num_devices), timeout)
