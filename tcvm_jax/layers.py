@@ -340,6 +340,12 @@ class VideoConv(nnx.Module):
     """x: (B, T, H, W, Cin) -> (B, T, H', W', Cout)."""
     if x.ndim != 5 or x.shape[-1] != self.in_features:
       raise ValueError(f"VideoConv expects (B, T, H, W, {self.in_features}); got {x.shape}.")
+    if self.kernel_size == (1, 1, 1):
+      # One (pixels, Cin) x (Cin, Cout) matmul. Written 2D, its weight gradient is a plain
+      # dot over the pixels; as a 5D einsum XLA:CPU contracted four axes with transposed
+      # copies (backward 2.5-3.5x slower on the demo's shapes, docs/performance.md).
+      rows, kernel, out_shape = self.pointwise_operands(x)
+      return (rows @ kernel).reshape(out_shape)
     kernel = self.kernel[...]
     dtype = _compute_dtype(self.dtype, x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
@@ -350,13 +356,6 @@ class VideoConv(nnx.Module):
       # A 1x1 spatial kernel without padding reads exactly the strided pixels.
       x = x[:, :, ::self.stride, ::self.stride]
     height, width = x.shape[2:4]
-
-    if self.kernel_size == (1, 1, 1):
-      # One (pixels, Cin) x (Cin, Cout) matmul. Written 2D, its weight gradient is a plain
-      # dot over the pixels; as a 5D einsum XLA:CPU contracted four axes with transposed
-      # copies (backward 2.5-3.5x slower on the demo's shapes, docs/performance.md).
-      y = x.reshape(-1, self.in_features) @ kernel[0, 0, 0]
-      return y.reshape(batch, frames, height, width, self.out_features)
 
     if kt == 1:
       # Spatial conv, frames folded into the batch.
@@ -373,6 +372,22 @@ class VideoConv(nnx.Module):
     y = jax.lax.platform_dependent(pixels, kernel[:, 0, 0], cpu=_temporal_conv_as_matmuls,
                                    default=_temporal_conv_2d)
     return y.reshape(batch, frames, height, width, -1)
+
+  def pointwise_operands(self, x: jax.Array
+                         ) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+    """A (1, 1, 1) conv (any stride) of x (B, T, H, W, Cin) as a matmul: x's rows
+    (pixels, Cin) and the kernel (Cin, Cout), both in the compute dtype, and the output's
+    shape (B, T, H', W', Cout). conv(x) = (rows @ kernel).reshape(shape)."""
+    if self.kernel_size != (1, 1, 1):
+      raise ValueError(f"pointwise_operands takes a (1, 1, 1) conv; got kernel "
+                       f"{self.kernel_size}.")
+    kernel = self.kernel[...]
+    dtype = _compute_dtype(self.dtype, x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if self.stride > 1:  # a 1x1 kernel without padding reads exactly the strided pixels
+      x = x[:, :, ::self.stride, ::self.stride]
+    return (x.reshape(-1, self.in_features), kernel[0, 0, 0],
+            (*x.shape[:-1], self.out_features))
 
   def blocks(self, x: jax.Array) -> jax.Array:
     """The stem's (1, k, k) stride-2 conv with its output in the 4x4-block layout of
@@ -418,14 +433,12 @@ def conv1x1_with_statistics(conv: VideoConv, x: jax.Array,
                      f"kernel {conv.kernel_size}, stride {conv.stride}.")
   if x.shape[-1] != conv.in_features:
     raise ValueError(f"Expected {conv.in_features} input channels; got {x.shape}.")
-  kernel = conv.kernel[...]
-  dtype = _compute_dtype(conv.dtype, x, kernel)
-  rows = x.astype(dtype).reshape(-1, conv.in_features)
+  rows, kernel, out_shape = conv.pointwise_operands(x)
   y, total, total_sq = jax.lax.platform_dependent(
-      rows, kernel[0, 0, 0].astype(dtype), affine,
+      rows, kernel, affine,
       cuda=functools.partial(conv1x1_kernel.conv1x1_stats, backward_kernel=backward_kernel),
       default=conv1x1_kernel.conv1x1_stats_reference)
-  return y.reshape(*x.shape[:-1], conv.out_features), total, total_sq
+  return y.reshape(out_shape), total, total_sq
 
 
 def _temporal_conv_2d(pixels: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -688,19 +701,16 @@ class BatchNorm(nnx.BatchNorm):
     if self.use_running_average:
       return self(conv(x))
     self._check_split()
-    kernel = conv.kernel[...]
-    dtype = _compute_dtype(conv.dtype, x, kernel)
-    if conv.stride > 1:  # as VideoConv: a 1x1 kernel reads exactly the strided pixels
-      x = x[:, :, ::conv.stride, ::conv.stride]
+    rows, kernel, out_shape = conv.pointwise_operands(x)
     scale, bias = self.scale[...], self.bias[...]
     if self.dtype is not None:  # as __call__'s promote_dtype: rounded to the BN's dtype
       scale, bias = scale.astype(self.dtype), bias.astype(self.dtype)
-    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(dtype, scale, bias)
+    out_dtype = (self.dtype if self.dtype is not None
+                 else jnp.result_type(rows.dtype, scale, bias))
     z, mean, var = folded_batch_norm.conv1x1_batch_norm(
-        x.astype(dtype).reshape(-1, conv.in_features), kernel[0, 0, 0].astype(dtype), scale,
-        bias, self.epsilon, self.axis_name, out_dtype)
+        rows, kernel, scale, bias, self.epsilon, self.axis_name, out_dtype)
     self._update_running_averages(mean, var)
-    return z.reshape(*x.shape[:-1], conv.out_features)
+    return z.reshape(out_shape)
 
   def from_sums(self, x: jax.Array, total: jax.Array, total_sq: jax.Array) -> jax.Array:
     """This BatchNorm of x given this device's per-channel sums of x and x^2 (float32,
