@@ -6,10 +6,9 @@
 #   1. levers   A/B of the R3D50 step in one process (benchmarks/options_ab.py, $ROUNDS
 #               alternating rounds): the defaults against each of LEVERS below, if any.
 #               Now model.bn_fold: BatchNorm folded into the 1x1 convs that widen >= 4x
-#               (conv_c, stage 1's shortcut) or >= 2x (every shortcut too)
-#               (tcvm_jax/folded_batch_norm.py; not yet run on a GPU; a CPU dry run of
-#               the phase took 36 s). The
-#               ones before were decided on an H200 on 2026-11-27
+#               (conv_c, stage 1's shortcut) or >= 2x (every shortcut too), and the
+#               first with the block-end ReLU's gradient from its output
+#               (tcvm_jax/folded_batch_norm.py; not yet run on a GPU). The ones before were decided on an H200 on 2026-11-27
 #               (benchmarks/results/2026-11-27_h200_c/): the tree state 2.2 % and the
 #               block stem's pool gradient by selects 0.1 % against the defaults, the
 #               blocks' 1x1 convs as Pallas kernels ('pallas' 1.9 %, 'pallas_all' 3.8 %
@@ -30,11 +29,13 @@
 #   4. a device trace of 3 R3D50 steps with the winners (benchmarks/profile_step.py), for
 #      reading offline with benchmarks/trace_summary.py (time, GB/s, TFLOP/s per op)
 #                                                  -> $OUT/profile/
-# First, the augmentation alone (benchmarks/augment_variants.py: the CUDA defaults less
-# one choice each: float32 planes, the blur along H as taps, the colour jitter as XLA
-# passes; if the Pallas kernel takes the process down, the benchmark runs with the XLA
-# jitter); its fastest variant, if >= 5 % faster than the default, goes to the benchmark
-#                                        -> $OUT/augment.{log,json}, $OUT/augment_winner.txt
+# First, only with AUGMENT_S > 0: the augmentation alone (benchmarks/augment_variants.py:
+# the CUDA defaults less one choice each: float32 planes, the blur along H as taps, the
+# colour jitter as XLA passes; if the Pallas kernel takes the process down, the benchmark
+# runs with the XLA jitter); its fastest variant, if >= 5 % faster than the default, goes
+# to the benchmark                       -> $OUT/augment.{log,json}, $OUT/augment_winner.txt
+# Off by default since 2026-11-28: two H200 sessions (2026-11-27) found no winner, and the
+# A/B needs its time (up to 120 s) for a third variant.
 # (The stem phase, benchmarks/stem_variants.py, decided model.stem_layout on 2026-11-27;
 # the 1x1 conv phase, benchmarks/conv1x1_variants.py, timed the Pallas kernels per shape
 # on 2026-11-27 evening. Neither runs here now.)
@@ -47,7 +48,8 @@
 # The winners are not made defaults here: that is a code change for the session that
 # reads the results (layers.BatchNorm's 'auto', a CUDA flag in the step's compile options).
 #
-# Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), ROUNDS (6),
+# Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), AUGMENT_S (0),
+# ROUNDS (6),
 # PROFILE_S (60), BENCHMARK_S (200, kept for the benchmark), BATCH (32), DOUBLE_BATCH
 # (0), TSM_TRITON_S (110), R3D_CONFIG (configs/pretrain.py; run_gpu_benchmark.sh's too),
 # TSM_CONFIG (configs/pretrain.py:tsm50).
@@ -58,6 +60,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tcvm_gpu_session}
 TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-560}
+AUGMENT_S=${AUGMENT_S:-0}
 ROUNDS=${ROUNDS:-6}
 PROFILE_S=${PROFILE_S:-60}
 BENCHMARK_S=${BENCHMARK_S:-200}
@@ -81,35 +84,38 @@ run_logged() {
   return "${PIPESTATUS[0]}"
 }
 
-say "=== augment"
 rm -f "$OUT/augment_winner.txt" "$OUT/augment.json"
-: > "$OUT/augment.log"
 # augment SECONDS [ARGS...]: the augment phase; its exit code.
 augment() {
   run_logged "$1" "$OUT/augment.log" "$PYTHON" benchmarks/augment_variants.py \
       --json="$OUT/augment.json" --winner_flags="$OUT/augment_winner.txt" "${@:2}"
 }
-augment 120
-rc=$?
-# Variants that fail to compile are reported and skipped, but an XLA CHECK failure takes
-# the whole process down. The Pallas kernel is the one part new to XLA here, and on CUDA
-# it is in the default: the benchmark then runs with the XLA jitter.
-if [ ! -f "$OUT/augment.json" ] && (( rc == 134 || rc == 139 )); then
-  say "augment: the process died (exit code $rc); the benchmark takes the XLA jitter" \
-      | tee -a "$OUT/augment.log"
-  echo "--config.augment.jitter_kernel=xla" > "$OUT/augment_winner.txt"
+if (( AUGMENT_S > 0 )); then
+  say "=== augment"
+  : > "$OUT/augment.log"
+  augment "$AUGMENT_S"
+  rc=$?
+  # Variants that fail to compile are reported and skipped, but an XLA CHECK failure takes
+  # the whole process down. The Pallas kernel is the one part new to XLA here, and on CUDA
+  # it is in the default: the benchmark then runs with the XLA jitter.
+  if [ ! -f "$OUT/augment.json" ] && (( rc == 134 || rc == 139 )); then
+    say "augment: the process died (exit code $rc); the benchmark takes the XLA jitter" \
+        | tee -a "$OUT/augment.log"
+    echo "--config.augment.jitter_kernel=xla" > "$OUT/augment_winner.txt"
+  fi
 fi
 
 # NAME=--flag ... (the variants to A/B against the defaults, see above; a variant of
-# several flags is one quoted word). Two, not three: the phase gets ~125 s after the
-# augment phase, and each variant compiles before the first round (the default ~40 s,
-# each other ~16 s on an H200). If a fold wins, A/B next on top of it:
-#   "fold_relu_out=--config.model.bn_fold=W --config.model.block_relu_gradient=from_output"
-# (with conv_c's output no longer read in the backward pass, the block-end ReLU's mask is
-# the one wide tensor kept only for that pass; the block output, kept anyway, can replace it).
+# several flags is one quoted word). Each compiles before the first round (on an H200 the
+# default ~40 s, each other ~16 s; 2026-11-27: three variants and 6 rounds in ~105 s), and
+# the phase gets ~190 s with the augment phase off. The third: with conv_c's output no
+# longer read in the backward pass, the block-end ReLU's mask is the one wide tensor kept
+# only for that pass; the block's output, kept anyway, can replace it (from_output alone
+# did not win on 2026-11-27: 0.998 / 1.000, when y was read in the backward pass anyway).
 LEVERS=(
   bn_fold_4x=--config.model.bn_fold=widening_4x
   bn_fold_2x=--config.model.bn_fold=widening_2x
+  "bn_fold_4x_relu_out=--config.model.bn_fold=widening_4x --config.model.block_relu_gradient=from_output"
 )
 # levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
 # first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the

@@ -255,12 +255,16 @@ def _random_batch_norms(model):
       module.bias[...] = jnp.asarray(0.3 * rng.normal(size=module.bias.shape), jnp.float32)
 
 
-@pytest.mark.parametrize("name", ["r3d_tiny", "tsm_tiny"])
-def test_backbone_trains_the_same_folded(name):
+# The last case is gpu_session.sh's third A/B variant: with the block-end ReLU's gradient
+# taken from its output, the fold's gradient must still be autodiff's of the plain path.
+@pytest.mark.parametrize("name,relu_gradient", [("r3d_tiny", "auto"), ("tsm_tiny", "auto"),
+                                                ("r3d_tiny", "from_output")])
+def test_backbone_trains_the_same_folded(name, relu_gradient):
   videos = jnp.asarray(np.random.default_rng(8).normal(size=(2, 4, 32, 32, 3)), jnp.float32)
   results = []
-  for fold in ("none", "widening_2x"):
-    model = backbones.get_backbone(name, bn_fold=fold, rngs=nnx.Rngs(0))
+  for fold, block_relu_gradient in (("none", "auto"), ("widening_2x", relu_gradient)):
+    model = backbones.get_backbone(name, bn_fold=fold, block_relu_gradient=block_relu_gradient,
+                                   rngs=nnx.Rngs(0))
     _random_batch_norms(model)
     loss = lambda model: jnp.sum(jnp.sin(model(videos)))
     value, grads = nnx.value_and_grad(loss)(model)

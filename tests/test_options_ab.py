@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import pytest
 from benchmarks import ab_rounds, ab_winners
 from configs import pretrain
 from train_test_utils import (FAST_COMPILE_XLA_FLAGS, REPO_ROOT, TINY_BENCHMARK_OVERRIDES,
-                              subprocess_env)
+                              gpu_session_variants, subprocess_env)
 
 
 def test_option_values_get_the_types_xla_wants():
@@ -205,16 +204,8 @@ def test_winners_script_output_is_shell_assignments(tmp_path):
 
 def test_gpu_session_variants_parse_and_set_existing_config_fields():
   # A typo here would only show on the rarely lent GPU machine; catch it on CPU.
-  with open(os.path.join(REPO_ROOT, "scripts", "gpu_session.sh")) as f:
-    script = f.read()
-  # The A/Bs' variants: the NAME=FLAGS words of the script's LEVERS=( ... ) array (the
-  # R3D50 step's; empty when no lever waits) and of TSM_TRITON_VARIANTS=( ... ) (TSM50's),
-  # split as bash splits them: bare words, or quoted ones holding several flags.
-  def bash_array(name):
-    body = re.search(rf'^{name}=\(((?:"[^"]*"|[^")])*)\)', script, re.MULTILINE)
-    assert body is not None, name
-    return shlex.split(body.group(1), comments=True)
-  lever_specs, tsm_specs = bash_array("LEVERS"), bash_array("TSM_TRITON_VARIANTS")
+  lever_specs = gpu_session_variants("LEVERS")
+  tsm_specs = gpu_session_variants("TSM_TRITON_VARIANTS")
   assert len(tsm_specs) == 2
   for specs, preset in ((lever_specs, ""), (tsm_specs, "tsm50")):
     assert all(re.fullmatch(r"\w+=--\S+( --\S+)*", spec) for spec in specs)

@@ -7,12 +7,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import ab_rounds
 from configs.pretrain import get_config
 from tcvm_jax import mesh as mesh_lib, optim, train_step
-from train_test_utils import bfloat16_ops, variadic_reductions
+from train_test_utils import bfloat16_ops, gpu_session_variants, variadic_reductions
 
 
-def _lowered_step(backbone: str, platform: str, augment_fields=(), **model_fields) -> str:
+def _lowered_step(backbone: str, platform: str, augment_fields=(), overrides=None,
+                  **model_fields) -> str:
+  """The demo step's StableHLO for `platform`; `overrides`: {'a.b': text} as the A/B
+  scripts take them (`--config.a.b=text`)."""
   config = get_config("demo")
   config.model.backbone = backbone
   config.batch_size = 4
@@ -20,6 +24,8 @@ def _lowered_step(backbone: str, platform: str, augment_fields=(), **model_field
     config.model[field] = value
   for field, value in dict(augment_fields).items():
     config.augment[field] = value
+  if overrides:
+    config = ab_rounds.apply_overrides(config, overrides)
   mesh = mesh_lib.create_mesh()
   optimizer, schedule = optim.create_optimizer(config, steps_per_epoch=10, num_train_steps=100)
   graphdef, state = train_step.create_train_state(config, mesh, optimizer)
@@ -66,6 +72,17 @@ def test_the_cuda_defaults_and_the_gpu_session_variants_lower_for_cuda():
   triton_call = "stablehlo.custom_call @__gpu$xla.gpu.triton"
   assert auto.count(triton_call) == 1
   assert pixels.count(triton_call) == 0 and on_cpu.count(triton_call) == 0
+
+
+def test_the_gpu_session_levers_lower_for_cuda_each_a_program_of_its_own():
+  # The config variants of gpu_session.sh's A/B (LEVERS): each must lower for CUDA and
+  # change the CUDA program, else it costs the rare GPU session a compile and cannot win
+  # (benchmarks/ab_winners.py: same program as the default); no two may be the same.
+  programs = {"default": _lowered_step("r3d_tiny", "cuda")}
+  for name, _, _, overrides in ab_rounds.option_variants(gpu_session_variants("LEVERS")):
+    if overrides:  # XLA flags alone act after lowering
+      programs[name] = _lowered_step("r3d_tiny", "cuda", overrides=overrides)
+  assert len(set(programs.values())) == len(programs), list(programs)
 
 
 def test_the_fused_1x1_convs_lower_for_cuda_as_triton_calls():

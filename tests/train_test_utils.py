@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -23,6 +25,17 @@ TINY_BENCHMARK_FIELDS = {
 TINY_BENCHMARK_OVERRIDES = [
     "--config=" + os.path.join(REPO_ROOT, "configs", "pretrain.py") + ":demo",
     *(f"--config.{field}={value}" for field, value in TINY_BENCHMARK_FIELDS.items())]
+
+
+def gpu_session_variants(array_name: str) -> list[str]:
+  """The NAME=FLAGS words of `scripts/gpu_session.sh`'s bash array `array_name` (LEVERS:
+  the R3D50 A/B's, empty when no lever waits; TSM_TRITON_VARIANTS: TSM50's), split as
+  bash splits them: bare words, or quoted ones holding several flags."""
+  with open(os.path.join(REPO_ROOT, "scripts", "gpu_session.sh")) as f:
+    script = f.read()
+  body = re.search(rf'^{array_name}=\(((?:"[^"]*"|[^")])*)\)', script, re.MULTILINE)
+  assert body is not None, array_name
+  return shlex.split(body.group(1), comments=True)
 
 
 def tiny_benchmark_config(backbone: str = "r3d_tiny") -> ml_collections.ConfigDict:
