@@ -124,6 +124,12 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # too). The same values up to rounding. 'auto' = none until measured on a GPU. Needs
   # conv1x1_kernel 'auto' or 'xla'.
   model.bn_fold = "auto"
+  # TSM only: how the temporal shift meets conv_a. 'fused' (XLA may fuse it into the op
+  # that reads it) or 'barrier' (materialised behind an optimization barrier, so no
+  # Triton GEMM fusion takes the concatenation in: the suspected trigger of XLA's abort
+  # compiling TSM50 with them, tcvm_jax/xla_options.py). The same values. 'auto' = fused
+  # until measured on a GPU.
+  model.tsm_shift = "auto"
   model.tc_k = 0.5                  # share of channels that take frame differences, in [0, 1].
   model.tc_second_order = False     # D^2 in Table 3c.
   model.tc_hidden_dim = -1          # per-frame FC width before f; -1 means C.

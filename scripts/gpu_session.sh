@@ -24,7 +24,7 @@
 #      compile), R3D50 at twice the batch (JAX only; with DOUBLE_BATCH=1), TSM50, the
 #      training loop                               -> $OUT/*.json, *.log
 #      and, in TSM_TRITON_S, TSM50 with XLA's Triton GEMM fusions on against the defaults
-#      (off for TSM, tcvm_jax/xla_options.py), alone and with conv1x1_kernel=pallas_all
+#      (off for TSM, tcvm_jax/xla_options.py), alone and with model.tsm_shift=barrier
 #                                                  -> $OUT/tsm_triton*.{log,json}
 #   4. a device trace of 3 R3D50 steps with the winners (benchmarks/profile_step.py), for
 #      reading offline with benchmarks/trace_summary.py (time, GB/s, TFLOP/s per op)
@@ -185,13 +185,15 @@ EXTRA_FLAGS="$WINNING_CONFIG_FLAGS" OUT="$OUT" BATCH="$BATCH" DOUBLE_BATCH="$DOU
 
 # TSM50 with XLA's Triton GEMM fusions on, which tcvm_jax/xla_options.py turns off for
 # TSM programs (XLA aborted compiling TSM50 with them on 2026-11-26): an A/B against the
-# defaults, the fusions on alone and with model.conv1x1_kernel=pallas_all (conv_a then
-# reads the shifted input through a Pallas call: the suspected trigger gone). One process
-# each, so an abort in one leaves the other; their defaults come from the compilation
-# cache (the benchmark's TSM50 phase compiled the same program).
+# defaults, the fusions on alone and with model.tsm_shift=barrier (the shifted input
+# materialised behind an optimization barrier, so no GEMM fusion takes in the temporal
+# shift's concatenation: the suspected trigger gone, the 1x1 convs still XLA's; until
+# 2026-11-28 the second variant was conv1x1_kernel=pallas_all, slower on R3D50). One
+# process each, so an abort in one leaves the other; their defaults come from the
+# compilation cache (the benchmark's TSM50 phase compiled the same program).
 TSM_TRITON_VARIANTS=(
   "triton_gemm=--xla_gpu_enable_triton_gemm=true"
-  "triton_gemm_pallas_all=--xla_gpu_enable_triton_gemm=true --config.model.conv1x1_kernel=pallas_all"
+  "triton_gemm_shift_barrier=--xla_gpu_enable_triton_gemm=true --config.model.tsm_shift=barrier"
 )
 say "=== tsm_triton ($(left)s left)"
 : > "$OUT/tsm_triton.log"

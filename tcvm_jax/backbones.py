@@ -23,14 +23,24 @@ from tcvm_jax import conv1x1_kernel, layers, stem
 Dtype = Any
 
 
-def temporal_shift(x: jax.Array, shift_div: int = 8) -> jax.Array:
+# model.tsm_shift: how the temporal shift meets the conv after it (the same values).
+# 'fused': XLA may fuse the shift into the op that reads it; 'barrier': the shifted tensor
+# is materialised behind an optimization barrier, so no GEMM fusion can take the
+# concatenation in (the suspected trigger of XLA's abort compiling TSM50 with Triton GEMM
+# fusions, tcvm_jax/xla_options.py; on cuBLAS it is materialised anyway). 'auto' = fused
+# until a GPU session compiles and times 'barrier' with Triton GEMMs on.
+TSM_SHIFTS = ("auto", "fused", "barrier")
+
+
+def temporal_shift(x: jax.Array, shift_div: int = 8, barrier: bool = False) -> jax.Array:
   """Temporal Shift Module (Lin et al. 2019), zero-filled, within each video.
 
   x: (B, T, H, W, C). Channels [0, C//shift_div) take the NEXT frame's values
   (out[t] = x[t+1], zero at t = T-1); channels [C//shift_div, 2*C//shift_div) take the
   PREVIOUS frame's (out[t] = x[t-1], zero at t = 0); the rest are unchanged. This is the
   channel layout of the official TSM code (`shift` with fold_div=8). Videos never mix:
-  time is its own axis.
+  time is its own axis. `barrier`: the result behind `jax.lax.optimization_barrier`
+  (model.tsm_shift='barrier'; its gradient passes one too).
   """
   fold = x.shape[-1] // shift_div
   if fold == 0:
@@ -38,7 +48,8 @@ def temporal_shift(x: jax.Array, shift_div: int = 8) -> jax.Array:
   zeros = jnp.zeros_like(x[:, :1, ..., :fold])
   from_next = jnp.concatenate([x[:, 1:, ..., :fold], zeros], axis=1)
   from_previous = jnp.concatenate([zeros, x[:, :-1, ..., fold:2 * fold]], axis=1)
-  return jnp.concatenate([from_next, from_previous, x[..., 2 * fold:]], axis=-1)
+  shifted = jnp.concatenate([from_next, from_previous, x[..., 2 * fold:]], axis=-1)
+  return jax.lax.optimization_barrier(shifted) if barrier else shifted
 
 
 class Bottleneck(nnx.Module):
@@ -65,6 +76,7 @@ class Bottleneck(nnx.Module):
       block_relu_gradient: str = "auto",
       conv1x1_kernel: str = "auto",
       bn_fold: str = "auto",
+      tsm_shift: str = "auto",
       rngs: nnx.Rngs,
   ):
     out_features = 4 * inner_features
@@ -73,6 +85,7 @@ class Bottleneck(nnx.Module):
                            dtype=dtype, gradient=bn_gradient, statistics=bn_statistics,
                            rngs=rngs)
     self.shift_div = shift_div
+    self.shift_barrier = tsm_shift == "barrier"  # 'auto' = 'fused' (TSM_SHIFTS above)
     self.block_relu_gradient = block_relu_gradient
     # 'auto' = 'xla': faster on an H200 than either kernel value (docs/performance.md).
     self.conv1x1_kernel = "xla" if conv1x1_kernel == "auto" else conv1x1_kernel
@@ -91,7 +104,8 @@ class Bottleneck(nnx.Module):
       self.shortcut_conv = self.shortcut_bn = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    residual = temporal_shift(x, self.shift_div) if self.shift_div else x
+    residual = (temporal_shift(x, self.shift_div, barrier=self.shift_barrier)
+                if self.shift_div else x)
     residual = nnx.relu(self._conv_bn(self.conv_a, self.bn_a, residual))
     if self._fuses(self.conv_c):
       # bn_b + ReLU run inside conv_c's kernel, which also sums its output for bn_c.
@@ -172,6 +186,7 @@ class VideoResNet(nnx.Module):
       block_relu_gradient: str = "auto",
       conv1x1_kernel: str = "auto",
       bn_fold: str = "auto",
+      tsm_shift: str = "auto",
       rngs: nnx.Rngs,
   ):
     if len(stage_sizes) != len(stage_temporal_kernels):
@@ -196,6 +211,9 @@ class VideoResNet(nnx.Module):
     if bn_fold not in layers.BN_FOLDS:
       raise ValueError(f"BatchNorm folding {bn_fold!r} (model.bn_fold); choose from "
                        f"{layers.BN_FOLDS}.")
+    if tsm_shift not in TSM_SHIFTS:
+      raise ValueError(f"TSM shift {tsm_shift!r} (model.tsm_shift); choose from "
+                       f"{TSM_SHIFTS}.")
     if bn_fold not in ("auto", "none") and conv1x1_kernel.startswith("pallas"):
       # Both rewrite conv_c with its BatchNorms; one at a time.
       raise ValueError(f"model.bn_fold={bn_fold!r} needs model.conv1x1_kernel 'auto' or "
@@ -220,7 +238,7 @@ class VideoResNet(nnx.Module):
             zero_init_residual=zero_init_residual, dtype=dtype, bn_axis_name=bn_axis_name,
             bn_momentum=bn_momentum, bn_gradient=bn_gradient, bn_statistics=bn_statistics,
             block_relu_gradient=block_relu_gradient, conv1x1_kernel=conv1x1_kernel,
-            bn_fold=bn_fold, rngs=rngs))
+            bn_fold=bn_fold, tsm_shift=tsm_shift, rngs=rngs))
         in_features = 4 * inner_features
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
@@ -323,7 +341,7 @@ BACKBONES: dict[str, Callable[..., VideoResNet]] = {
 
 # The config.model fields that say how the backbone computes, not what ('auto' where unset).
 COMPUTE_OPTION_FIELDS = ("bn_gradient", "bn_statistics", "stem_layout", "stem_pool_gradient",
-                         "block_relu_gradient", "conv1x1_kernel", "bn_fold")
+                         "block_relu_gradient", "conv1x1_kernel", "bn_fold", "tsm_shift")
 
 
 def compute_options(model_config: Any) -> dict[str, str]:
@@ -344,6 +362,7 @@ def get_backbone(
     block_relu_gradient: str = "auto",
     conv1x1_kernel: str = "auto",
     bn_fold: str = "auto",
+    tsm_shift: str = "auto",
     rngs: nnx.Rngs,
     **kwargs,
 ) -> VideoResNet:
@@ -355,5 +374,5 @@ def get_backbone(
                          bn_gradient=bn_gradient, bn_statistics=bn_statistics,
                          stem_layout=stem_layout, stem_pool_gradient=stem_pool_gradient,
                          block_relu_gradient=block_relu_gradient,
-                         conv1x1_kernel=conv1x1_kernel, bn_fold=bn_fold, rngs=rngs,
-                         **kwargs)
+                         conv1x1_kernel=conv1x1_kernel, bn_fold=bn_fold,
+                         tsm_shift=tsm_shift, rngs=rngs, **kwargs)

@@ -200,7 +200,8 @@ def _validate_montage_and_augment(config) -> None:
 
 def check_compute_switches(config) -> None:
   """model.stem_layout, model.stem_pool_gradient, model.block_relu_gradient,
-  model.conv1x1_kernel, model.bn_fold and state_layout, where the config has them (the
+  model.conv1x1_kernel, model.bn_fold, model.tsm_shift and state_layout, where the config
+  has them (the
   pretraining and fine-tuning configs): how the backbone and the train step compute, not
   what."""
   if "state_layout" in config:
@@ -215,6 +216,8 @@ def check_compute_switches(config) -> None:
     check_choice(config, "model.conv1x1_kernel", layers.CONV1X1_KERNELS)
   if "bn_fold" in config.model:
     check_choice(config, "model.bn_fold", layers.BN_FOLDS)
+  if "tsm_shift" in config.model:
+    check_choice(config, "model.tsm_shift", backbones.TSM_SHIFTS)
 
 
 def _validate_model(config) -> None:

@@ -11,6 +11,9 @@ CUDA: the pretraining and fine-tuning steps, the retrieval/evaluation forward pa
 the model summary's FLOP count. The likely trigger, not checked on a GPU: since 1x1
 convolutions became reshape + 2D matmul (for the CPU), the temporal shift's concatenation
 can feed a Triton GEMM fusion; TSM50 compiled with Triton GEMMs before that change.
+`model.tsm_shift='barrier'` (backbones.temporal_shift) keeps the shift out of every GEMM
+fusion; `scripts/gpu_session.sh` compiles and times TSM50 with it and Triton GEMMs on, to
+narrow or drop this workaround.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tcvm_jax import backbones, layers
+from configs import pretrain
+from tcvm_jax import backbones, layers, model as model_lib
 from train_test_utils import reduce_window_max_pool
 
 
@@ -274,6 +275,32 @@ def test_temporal_shift_matches_numpy(channels, shift_div):
   # Zero fill at the ends, not wrap-around.
   assert np.all(shifted[:, -1, ..., :fold] == 0)
   assert np.all(shifted[:, 0, ..., fold:2 * fold] == 0)
+
+
+def test_shift_barrier_keeps_values_and_gradients_and_reaches_every_tsm_block():
+  # model.tsm_shift='barrier' (a workaround for XLA's Triton GEMM fusion on CUDA) changes
+  # where XLA may fuse, never what the backbone computes.
+  videos = jnp.asarray(np.random.default_rng(3).normal(size=(2, 4, 32, 32, 3)), jnp.float32)
+  results, programs = [], []
+  for tsm_shift in ("auto", "barrier"):
+    model = backbones.get_backbone("tsm_tiny", tsm_shift=tsm_shift, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    loss = lambda state: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(videos)))
+    results.append(jax.jit(jax.value_and_grad(loss))(state))
+    programs.append(jax.jit(jax.grad(loss)).lower(state).as_text())
+  (value, grads), (barrier_value, barrier_grads) = results
+  assert float(barrier_value) == float(value)
+  jax.tree.map(np.testing.assert_array_equal, barrier_grads, grads)
+  # One barrier per block forward, one on its gradient: 4 blocks in tsm_tiny.
+  barrier = "stablehlo.optimization_barrier"
+  assert programs[0].count(barrier) == 0 and programs[1].count(barrier) == 2 * 4
+  with pytest.raises(ValueError, match="model.tsm_shift"):
+    backbones.get_backbone("tsm_tiny", tsm_shift="on", rngs=nnx.Rngs(0))
+  config = pretrain.get_config("demo")
+  config.model.backbone, config.model.tsm_shift = "tsm_tiny", "barrier"
+  model = nnx.eval_shape(lambda: model_lib.build_model(config, rngs=nnx.Rngs(0)))
+  blocks = [m for _, m in nnx.iter_modules(model) if isinstance(m, backbones.Bottleneck)]
+  assert len(blocks) == 4 and all(block.shift_barrier for block in blocks)
 
 
 def test_temporal_shift_never_mixes_videos():

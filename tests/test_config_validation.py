@@ -60,6 +60,8 @@ def test_presets_are_valid(preset):
      r"config\.model\.bn_statistics='one': choose one of .*one_reduction"),
     ("model.bn_fold", "all",
      r"config\.model\.bn_fold='all': choose one of .*widening_4x"),
+    ("model.tsm_shift", "pallas",
+     r"config\.model\.tsm_shift='pallas': choose one of \('auto', 'fused', 'barrier'\)"),
     ("preset", "big", r"config\.preset='big': choose one of"),
     ("eval_retrieval", "k400", r"config\.eval_retrieval='k400': choose one of \('ucf101'"),
 ])

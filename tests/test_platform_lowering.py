@@ -74,14 +74,18 @@ def test_the_cuda_defaults_and_the_gpu_session_variants_lower_for_cuda():
   assert pixels.count(triton_call) == 0 and on_cpu.count(triton_call) == 0
 
 
-def test_the_gpu_session_levers_lower_for_cuda_each_a_program_of_its_own():
-  # The config variants of gpu_session.sh's A/B (LEVERS): each must lower for CUDA and
-  # change the CUDA program, else it costs the rare GPU session a compile and cannot win
-  # (benchmarks/ab_winners.py: same program as the default); no two may be the same.
-  programs = {"default": _lowered_step("r3d_tiny", "cuda")}
-  for name, _, _, overrides in ab_rounds.option_variants(gpu_session_variants("LEVERS")):
+@pytest.mark.parametrize("variants, backbone", [("LEVERS", "r3d_tiny"),
+                                               ("TSM_TRITON_VARIANTS", "tsm_tiny")])
+def test_the_gpu_session_variants_lower_for_cuda_each_a_program_of_its_own(variants,
+                                                                          backbone):
+  # The config variants of gpu_session.sh's A/Bs (R3D50's LEVERS, TSM50's Triton GEMM
+  # ones): each must lower for CUDA and change the CUDA program, else it costs the rare
+  # GPU session a compile and cannot win (benchmarks/ab_winners.py: same program as the
+  # default); no two may be the same.
+  programs = {"default": _lowered_step(backbone, "cuda")}
+  for name, _, _, overrides in ab_rounds.option_variants(gpu_session_variants(variants)):
     if overrides:  # XLA flags alone act after lowering
-      programs[name] = _lowered_step("r3d_tiny", "cuda", overrides=overrides)
+      programs[name] = _lowered_step(backbone, "cuda", overrides=overrides)
   assert len(set(programs.values())) == len(programs), list(programs)
 
 
