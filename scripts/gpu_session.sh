@@ -8,7 +8,9 @@
 #               Now model.bn_fold: BatchNorm folded into the 1x1 convs that widen >= 4x
 #               (conv_c, stage 1's shortcut) or >= 2x (every shortcut too), and the
 #               first with the block-end ReLU's gradient from its output
-#               (tcvm_jax/folded_batch_norm.py; not yet run on a GPU). The ones before were decided on an H200 on 2026-11-27
+#               (tcvm_jax/folded_batch_norm.py; not yet run on a GPU); and BatchNorm's
+#               gradient in closed form on top of one_reduction statistics. The ones
+#               before were decided on an H200 on 2026-11-27
 #               (benchmarks/results/2026-11-27_h200_c/): the tree state 2.2 % and the
 #               block stem's pool gradient by selects 0.1 % against the defaults, the
 #               blocks' 1x1 convs as Pallas kernels ('pallas' 1.9 %, 'pallas_all' 3.8 %
@@ -107,15 +109,23 @@ fi
 
 # NAME=--flag ... (the variants to A/B against the defaults, see above; a variant of
 # several flags is one quoted word). Each compiles before the first round (on an H200 the
-# default ~40 s, each other ~16 s; 2026-11-27: three variants and 6 rounds in ~105 s), and
-# the phase gets ~190 s with the augment phase off. The third: with conv_c's output no
-# longer read in the backward pass, the block-end ReLU's mask is the one wide tensor kept
-# only for that pass; the block's output, kept anyway, can replace it (from_output alone
-# did not win on 2026-11-27: 0.998 / 1.000, when y was read in the backward pass anyway).
+# default ~40 s, each other ~16 s; 2026-11-27: three variants and 6 rounds in ~105 s, so
+# four ~125 s), and the phase gets ~190 s with the augment phase off.
+# The third: with conv_c's output no longer read in the backward pass, the block-end
+# ReLU's mask is the one wide tensor kept only for that pass; the block's output, kept
+# anyway, can replace it (from_output alone did not win on 2026-11-27: 0.998 / 1.000,
+# when y was read in the backward pass anyway).
+# The fourth: BatchNorm's gradient in closed form, timed once on 2026-11-26 at 0.984
+# chained / 0.976 waited, short of the 2 % margin, against the defaults of then, and
+# never on top of bn_statistics=one_reduction, which won that A/B (0.976 / 0.979) and
+# became CUDA's default. If it and a fold both win, the benchmark runs with both
+# (ab_winners.py keeps winners that set different fields; folded BatchNorms keep their
+# own gradient).
 LEVERS=(
   bn_fold_4x=--config.model.bn_fold=widening_4x
   bn_fold_2x=--config.model.bn_fold=widening_2x
   "bn_fold_4x_relu_out=--config.model.bn_fold=widening_4x --config.model.block_relu_gradient=from_output"
+  bn_closed_form=--config.model.bn_gradient=closed_form
 )
 # levers VARIANT...: the A/B; the benchmark after it keeps BENCHMARK_S (~150 s for its
 # first two phases, R3D50 against eager torch and torch.compile, ~85 s to compile: the
