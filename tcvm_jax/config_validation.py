@@ -201,9 +201,8 @@ def _validate_montage_and_augment(config) -> None:
 def check_compute_switches(config) -> None:
   """model.stem_layout, model.stem_pool_gradient, model.block_relu_gradient,
   model.conv1x1_kernel, model.bn_fold, model.tsm_shift and state_layout, where the config
-  has them (the
-  pretraining and fine-tuning configs): how the backbone and the train step compute, not
-  what."""
+  has them (the pretraining and fine-tuning configs): how the backbone and the train step
+  compute, not what."""
   if "state_layout" in config:
     check_choice(config, "state_layout", flat_state.STATE_LAYOUTS)
   if "stem_layout" in config.model:
