@@ -37,7 +37,7 @@
 # runs with the XLA jitter); its fastest variant, if >= 5 % faster than the default, goes
 # to the benchmark                       -> $OUT/augment.{log,json}, $OUT/augment_winner.txt
 # Off by default since 2026-11-28: two H200 sessions (2026-11-27) found no winner, and the
-# A/B needs its time (up to 120 s) for a third variant.
+# A/B needs its time (up to 120 s) for its third and fourth variants.
 # (The stem phase, benchmarks/stem_variants.py, decided model.stem_layout on 2026-11-27;
 # the 1x1 conv phase, benchmarks/conv1x1_variants.py, timed the Pallas kernels per shape
 # on 2026-11-27 evening. Neither runs here now.)
@@ -50,11 +50,10 @@
 # The winners are not made defaults here: that is a code change for the session that
 # reads the results (layers.BatchNorm's 'auto', a CUDA flag in the step's compile options).
 #
-# Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), AUGMENT_S (0),
-# ROUNDS (6),
-# PROFILE_S (60), BENCHMARK_S (200, kept for the benchmark), BATCH (32), DOUBLE_BATCH
-# (0), TSM_TRITON_S (110), R3D_CONFIG (configs/pretrain.py; run_gpu_benchmark.sh's too),
-# TSM_CONFIG (configs/pretrain.py:tsm50).
+# Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), AUGMENT_S (0:
+# no augment phase), ROUNDS (6), PROFILE_S (60), BENCHMARK_S (200, kept for the
+# benchmark), BATCH (32), DOUBLE_BATCH (0), TSM_TRITON_S (110), R3D_CONFIG
+# (configs/pretrain.py; run_gpu_benchmark.sh's too), TSM_CONFIG (configs/pretrain.py:tsm50).
 # A dry run on CPU (every phase, ~5 minutes): PYTHON=venv/bin/python
 # R3D_CONFIG=configs/pretrain.py:demo TSM_CONFIG=configs/pretrain.py:demo BATCH=4 ROUNDS=2.
 # Needs .whl/ (see run_gpu_benchmark.sh); imports no TensorFlow.
