@@ -3,6 +3,8 @@ starts from a program that lowers, with each platform's defaults in it."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,10 +15,11 @@ from tcvm_jax import mesh as mesh_lib, optim, train_step
 from train_test_utils import bfloat16_ops, gpu_session_variants, variadic_reductions
 
 
-def _lowered_step(backbone: str, platform: str, augment_fields=(), overrides=None,
+@functools.cache  # several tests compare against the same default programs
+def _lowered_step(backbone: str, platform: str, augment_fields=(), overrides=(),
                   **model_fields) -> str:
-  """The demo step's StableHLO for `platform`; `overrides`: {'a.b': text} as the A/B
-  scripts take them (`--config.a.b=text`)."""
+  """The demo step's StableHLO for `platform`. `augment_fields`: (field, value) pairs;
+  `overrides`: ('a.b', text) pairs as the A/B scripts take them (`--config.a.b=text`)."""
   config = get_config("demo")
   config.model.backbone = backbone
   config.batch_size = 4
@@ -25,7 +28,7 @@ def _lowered_step(backbone: str, platform: str, augment_fields=(), overrides=Non
   for field, value in dict(augment_fields).items():
     config.augment[field] = value
   if overrides:
-    config = ab_rounds.apply_overrides(config, overrides)
+    config = ab_rounds.apply_overrides(config, dict(overrides))
   mesh = mesh_lib.create_mesh()
   optimizer, schedule = optim.create_optimizer(config, steps_per_epoch=10, num_train_steps=100)
   graphdef, state = train_step.create_train_state(config, mesh, optimizer)
@@ -59,7 +62,7 @@ def test_the_cuda_defaults_and_the_gpu_session_variants_lower_for_cuda():
   auto = _lowered_step("r3d_tiny", "cuda")
   pixels = _lowered_step("r3d_tiny", "cuda", stem_layout="pixels",
                          block_relu_gradient="from_output",
-                         augment_fields={"jitter_kernel": "xla"})
+                         augment_fields=(("jitter_kernel", "xla"),))
   on_cpu = _lowered_step("r3d_tiny", "cpu")
   # The block stem's pool backward by selects: the two stacks of its pixels' gradients go.
   selected = _lowered_step("r3d_tiny", "cuda", stem_pool_gradient="select")
@@ -85,7 +88,7 @@ def test_the_gpu_session_variants_lower_for_cuda_each_a_program_of_its_own(varia
   programs = {"default": _lowered_step(backbone, "cuda")}
   for name, _, _, overrides in ab_rounds.option_variants(gpu_session_variants(variants)):
     if overrides:  # XLA flags alone act after lowering
-      programs[name] = _lowered_step(backbone, "cuda", overrides=overrides)
+      programs[name] = _lowered_step(backbone, "cuda", overrides=tuple(overrides.items()))
   assert len(set(programs.values())) == len(programs), list(programs)
 
 
