@@ -85,7 +85,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   model.stem_pool_gradient = "auto"   # 'auto' (= 'stack'), 'stack', 'select'.
   model.block_relu_gradient = "auto"  # 'auto' (= 'from_input'), 'from_input', 'from_output'.
   model.conv1x1_kernel = "auto"       # 'auto' (= 'xla'), 'xla', 'pallas', 'pallas_all'.
-  model.bn_fold = "auto"  # 'auto' (= 'none'), 'none', 'widening_4x', 'widening_2x'.
+  model.bn_fold = "auto"  # 'auto' (= 'none' yet), 'none', 'widening_4x', 'widening_2x'.
   model.tsm_shift = "auto"            # TSM only: 'auto' (= 'fused'), 'fused', 'barrier'.
 
   # --- Optimisation (optim.py: lr = base_learning_rate * batch_size / 32) --------

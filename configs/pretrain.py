@@ -121,7 +121,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # from the weight gradient's matmul (the conv's output is read once, to normalise it;
   # in / out more FLOPs; tcvm_jax/folded_batch_norm.py) for the convs that widen >= 4x
   # ('widening_4x': conv_c, stage 1's shortcut) or >= 2x ('widening_2x': every shortcut
-  # too). The same values up to rounding. 'auto' = none until measured on a GPU. Needs
+  # too). The same values up to rounding. 'auto' = none; on CUDA what
+  # backbones.CUDA_AUTO_BN_FOLD names ('none' until measured on a GPU). Needs
   # conv1x1_kernel 'auto' or 'xla'.
   model.bn_fold = "auto"
   # TSM only: how the temporal shift meets conv_a. 'fused' (XLA may fuse it into the op

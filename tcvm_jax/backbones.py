@@ -31,6 +31,12 @@ Dtype = Any
 # until a GPU session compiles and times 'barrier' with Triton GEMMs on.
 TSM_SHIFTS = ("auto", "fused", "barrier")
 
+# What model.bn_fold 'auto' folds on CUDA (layers.BN_FOLDS); 'none' on the other
+# platforms, where the CPU step gained nothing. 'none' until scripts/gpu_session.sh's A/B
+# shows a fold winning on the GPU by >= 2 % (docs/performance.md); any other value folds
+# those convs in CUDA's program only (Bottleneck._conv_bn, BatchNorm.conv1x1_folded).
+CUDA_AUTO_BN_FOLD = "none"
+
 
 def temporal_shift(x: jax.Array, shift_div: int = 8, barrier: bool = False) -> jax.Array:
   """Temporal Shift Module (Lin et al. 2019), zero-filled, within each video.
@@ -89,8 +95,12 @@ class Bottleneck(nnx.Module):
     self.block_relu_gradient = block_relu_gradient
     # 'auto' = 'xla': faster on an H200 than either kernel value (docs/performance.md).
     self.conv1x1_kernel = "xla" if conv1x1_kernel == "auto" else conv1x1_kernel
-    # 'auto' = 'none' until the GPU A/B decides (docs/performance.md).
+    # 'auto': 'none', and CUDA_AUTO_BN_FOLD on CUDA where the fold can take conv_c (XLA's
+    # 1x1 convs) and its BatchNorm can return its statistics (not flax's 'autodiff').
     self.bn_fold = "none" if bn_fold == "auto" else bn_fold
+    self.cuda_bn_fold = "none"
+    if bn_fold == "auto" and self.conv1x1_kernel == "xla" and bn_gradient != "autodiff":
+      self.cuda_bn_fold = CUDA_AUTO_BN_FOLD
     self.conv_a = conv(in_features, inner_features, (temporal_kernel, 1, 1))
     self.bn_a = bn(inner_features)
     self.conv_b = conv(inner_features, inner_features, (1, 3, 3), stride=stride)
@@ -129,21 +139,24 @@ class Bottleneck(nnx.Module):
     """bn(conv(x)); with model.bn_fold set, a widening 1x1 conv (`_folds`) trains with
     bn folded into the conv; with model.conv1x1_kernel 'pallas' or 'pallas_all' a
     stride-1 1x1 conv (`_fuses`) sums its output for bn in the same pass."""
-    if self._folds(conv):
+    if self._folds(conv, self.bn_fold):
       return bn.conv1x1_folded(conv, x)
+    if self._folds(conv, self.cuda_bn_fold):  # model.bn_fold 'auto'
+      return bn.conv1x1_folded(conv, x, platform="cuda")
     if self._fuses(conv):
       return bn.from_sums(*layers.conv1x1_with_statistics(conv, x))
     return bn(conv(x))
 
-  def _folds(self, conv: layers.VideoConv) -> bool:
-    """Whether `conv` trains with its BatchNorm folded into it: a 1x1 conv with >= 4x as
-    many outputs as inputs with model.bn_fold 'widening_4x' (each block's conv_c, stage
+  @staticmethod
+  def _folds(conv: layers.VideoConv, bn_fold: str) -> bool:
+    """Whether `conv` trains with its BatchNorm folded into it under `bn_fold`: a 1x1 conv
+    with >= 4x as many outputs as inputs with 'widening_4x' (each block's conv_c, stage
     1's projection shortcut), >= 2x with 'widening_2x' (the other shortcuts too).
     Folding adds in / out of the conv's FLOPs and saves memory passes over its output
     (folded_batch_norm): the wider the output, the better the trade."""
-    if self.bn_fold == "none" or conv.kernel_size != (1, 1, 1):
+    if bn_fold == "none" or conv.kernel_size != (1, 1, 1):
       return False
-    widening = 4 if self.bn_fold == "widening_4x" else 2
+    widening = 4 if bn_fold == "widening_4x" else 2
     return conv.out_features >= widening * conv.in_features
 
   def _fuses(self, conv: layers.VideoConv, backward: bool = False) -> bool:

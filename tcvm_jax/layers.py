@@ -614,6 +614,13 @@ class BatchNorm(nnx.BatchNorm):
         or not self.use_fast_variance or self.axis_index_groups is not None
         or self.scale is None or self.bias is None):
       return super().__call__(x, use_running_average, mask=mask)
+    y, mean, var = self._train_outputs(x)
+    self._update_running_averages(mean, var)
+    return y
+
+  def _train_outputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(y, batch mean, batch variance) in training, by `gradient` and `statistics`; the
+    running averages untouched. Not for 'autodiff' (flax's own)."""
     x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]),
                                         dtype=self.dtype)
     out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
@@ -629,14 +636,11 @@ class BatchNorm(nnx.BatchNorm):
     form = closed_form if self.gradient == "closed_form" else autodiff_of_forward
     explicit = self.statistics == "one_reduction"
     if form is closed_form and self.statistics != "auto":
-      y, mean, var = closed_form(explicit)(x, scale, bias)  # the same on every platform
-    else:
-      branches = {"cpu": closed_form(explicit), "default": form(explicit)}
-      if self.statistics == "auto":  # one reduction on CUDA only (R3D50 step 2.4 % faster)
-        branches["cuda"] = form(True)
-      y, mean, var = jax.lax.platform_dependent(x, scale, bias, **branches)
-    self._update_running_averages(mean, var)
-    return y
+      return closed_form(explicit)(x, scale, bias)  # the same on every platform
+    branches = {"cpu": closed_form(explicit), "default": form(explicit)}
+    if self.statistics == "auto":  # one reduction on CUDA only (R3D50 step 2.4 % faster)
+      branches["cuda"] = form(True)
+    return jax.lax.platform_dependent(x, scale, bias, **branches)
 
   def _update_running_averages(self, mean: jax.Array, var: jax.Array) -> None:
     momentum = self.momentum
@@ -687,11 +691,14 @@ class BatchNorm(nnx.BatchNorm):
       self._update_running_averages(mean, var)
     return conv1x1_kernel.Affine(mean, inv_std * scale, bias.astype(jnp.float32))
 
-  def conv1x1_folded(self, conv: VideoConv, x: jax.Array) -> jax.Array:
+  def conv1x1_folded(self, conv: VideoConv, x: jax.Array, platform: str | None = None
+                     ) -> jax.Array:
     """This BatchNorm of conv(x), `conv` a (1, 1, 1) VideoConv (any stride), folded into
     the conv in training (`folded_batch_norm`: the statistics from x's Gram matrix,
     conv(x) read only to normalise it, a closed-form gradient whatever `gradient` says);
     the same values up to rounding, the running averages updated as by __call__.
+    `platform` (e.g. 'cuda', model.bn_fold 'auto'): folded on that platform only, conv
+    then this BatchNorm on the others (one program per platform, `lax.platform_dependent`).
     Evaluation: self(conv(x))."""
     if conv.kernel_size != (1, 1, 1):
       raise ValueError(f"BatchNorm.conv1x1_folded takes a (1, 1, 1) conv; got kernel "
@@ -701,16 +708,30 @@ class BatchNorm(nnx.BatchNorm):
     if self.use_running_average:
       return self(conv(x))
     self._check_split()
-    rows, kernel, out_shape = conv.pointwise_operands(x)
+    if platform is not None and self.gradient == "autodiff":
+      # The other platforms' branch must return the statistics, which flax's BatchNorm
+      # writes into its running averages itself.
+      raise ValueError("BatchNorm.conv1x1_folded on one platform needs gradient 'auto' or "
+                       "'closed_form' (model.bn_gradient), not 'autodiff'.")
     scale, bias = self.scale[...], self.bias[...]
     if self.dtype is not None:  # as __call__'s promote_dtype: rounded to the BN's dtype
       scale, bias = scale.astype(self.dtype), bias.astype(self.dtype)
-    out_dtype = (self.dtype if self.dtype is not None
-                 else jnp.result_type(rows.dtype, scale, bias))
-    z, mean, var = folded_batch_norm.conv1x1_batch_norm(
-        rows, kernel, scale, bias, self.epsilon, self.axis_name, out_dtype)
+
+    def folded(x):
+      rows, kernel, out_shape = conv.pointwise_operands(x)
+      out_dtype = (self.dtype if self.dtype is not None
+                   else jnp.result_type(rows.dtype, scale, bias))
+      z, mean, var = folded_batch_norm.conv1x1_batch_norm(
+          rows, kernel, scale, bias, self.epsilon, self.axis_name, out_dtype)
+      return z.reshape(out_shape), mean, var
+
+    if platform is None:
+      z, mean, var = folded(x)
+    else:  # the running averages' update stays outside the branches
+      z, mean, var = jax.lax.platform_dependent(
+          x, default=lambda x: self._train_outputs(conv(x)), **{platform: folded})
     self._update_running_averages(mean, var)
-    return z.reshape(out_shape)
+    return z
 
   def from_sums(self, x: jax.Array, total: jax.Array, total_sq: jax.Array) -> jax.Array:
     """This BatchNorm of x given this device's per-channel sums of x and x^2 (float32,

@@ -239,6 +239,39 @@ def test_module_method_trains_and_evaluates_like_conv_then_batch_norm(stride):
   np.testing.assert_allclose(evaluated, ref[5], rtol=1e-6, atol=1e-6)
 
 
+def test_module_method_folds_on_the_named_platform_only():
+  """`platform`: the fold in that platform's program, conv then BatchNorm in the others'
+  (model.bn_fold 'auto' on CUDA). On this CPU, platform='cpu' must train exactly as the
+  unconditional fold and platform='cuda' exactly as the plain path, running averages
+  included (they are updated outside the per-platform branches)."""
+  x = jnp.asarray(np.maximum(np.random.default_rng(5).normal(0.3, 1.0, (2, 3, 6, 6, 8)), 0),
+                  jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 3, 3, 32)), jnp.float32)
+  applies = {
+      "plain": lambda conv, norm, x: norm(conv(x)),
+      "folded": lambda conv, norm, x: norm.conv1x1_folded(conv, x),
+      "folded_on_cpu": lambda conv, norm, x: norm.conv1x1_folded(conv, x, platform="cpu"),
+      "folded_on_cuda": lambda conv, norm, x: norm.conv1x1_folded(conv, x, platform="cuda"),
+  }
+  results = {}
+  for name, apply in applies.items():
+    conv, norm = _conv_and_norm(8, 32, stride=2)
+
+    def loss(modules, x, apply=apply):
+      return jnp.sum(jnp.sin(apply(*modules, x)) * weights)
+    value, grads = nnx.value_and_grad(loss, argnums=(0, 1))((conv, norm), x)
+    results[name] = jax.tree.map(np.asarray, (value, grads, norm.mean[...], norm.var[...]))
+  # The fold rounds differently from the plain path, so the pairs below are told apart.
+  assert not np.array_equal(results["folded"][0], results["plain"][0])
+  for name, same_as in (("folded_on_cpu", "folded"), ("folded_on_cuda", "plain")):
+    for leaf, ref in zip(jax.tree.leaves(results[name]), jax.tree.leaves(results[same_as])):
+      np.testing.assert_array_equal(leaf, ref, err_msg=name)
+  conv, norm = _conv_and_norm(8, 32, stride=1)
+  norm.gradient = "autodiff"  # flax's BatchNorm: its statistics are not returned
+  with pytest.raises(ValueError, match="autodiff"):
+    norm.conv1x1_folded(conv, x, platform="cuda")
+
+
 def test_module_method_rejects_wider_kernels():
   conv = layers.VideoConv(8, 16, (1, 3, 3), rngs=nnx.Rngs(0))
   norm = layers.batch_norm(16, rngs=nnx.Rngs(0))
@@ -279,8 +312,9 @@ def test_backbone_trains_the_same_folded(name, relu_gradient):
     np.testing.assert_allclose(stats[key][...], ref[...], rtol=1e-4, atol=1e-5)
 
 
-def _folded_convs(monkeypatch, bn_fold):
-  """(in, out) of every conv that R3D50's forward pass runs with its BatchNorm folded."""
+def _folded_convs(monkeypatch, bn_fold, **options):
+  """(in, out) of every conv that R3D50's forward pass runs with its BatchNorm folded (on
+  some platform: every platform's branch is traced)."""
   calls = []
   original = folded_batch_norm.conv1x1_batch_norm
 
@@ -289,7 +323,7 @@ def _folded_convs(monkeypatch, bn_fold):
     return original(rows, kernel, *args)
   monkeypatch.setattr(folded_batch_norm, "conv1x1_batch_norm", recording)
   model = nnx.eval_shape(lambda: backbones.get_backbone("r3d50", bn_fold=bn_fold,
-                                                        rngs=nnx.Rngs(0)))
+                                                        rngs=nnx.Rngs(0), **options))
   graph, state = nnx.split(model)
   jax.eval_shape(lambda state, videos: nnx.merge(graph, state)(videos), state,
                  jax.ShapeDtypeStruct((1, 2, 64, 64, 3), jnp.float32))
@@ -304,6 +338,29 @@ def test_r3d50_folds_the_widening_convs_and_only_those(monkeypatch):
   assert _folded_convs(monkeypatch, "widening_2x") == sorted(
       conv_c + [(64, 256), (256, 512), (512, 1024), (1024, 2048)])
   assert _folded_convs(monkeypatch, "auto") == _folded_convs(monkeypatch, "none") == []
+
+
+def _lowered_backbone_gradient(platform, **options):
+  """StableHLO of r3d_tiny's gradient for `platform`."""
+  graph, state = nnx.split(backbones.get_backbone("r3d_tiny", rngs=nnx.Rngs(0), **options))
+  loss = lambda state, videos: jnp.sum(nnx.merge(graph, state)(videos))
+  videos = jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.float32)
+  return jax.jit(jax.grad(loss)).trace(state, videos).lower(
+      lowering_platforms=(platform,)).as_text()
+
+
+def test_auto_folds_on_cuda_only_what_cuda_auto_bn_fold_names(monkeypatch):
+  # How 'auto' becomes a fold once a GPU A/B picks one: CUDA_AUTO_BN_FOLD (now 'none').
+  monkeypatch.setattr(backbones, "CUDA_AUTO_BN_FOLD", "widening_4x")
+  assert _folded_convs(monkeypatch, "auto") == _folded_convs(monkeypatch, "widening_4x")
+  # Not where a Pallas kernel takes the 1x1 convs, nor with flax's own BatchNorm.
+  assert _folded_convs(monkeypatch, "auto", conv1x1_kernel="pallas") == []
+  assert _folded_convs(monkeypatch, "auto", bn_gradient="autodiff") == []
+  # Each platform's program: the Gram and backward matmuls on CUDA only.
+  def matmuls(platform, bn_fold):
+    return _lowered_backbone_gradient(platform, bn_fold=bn_fold).count("stablehlo.dot_general")
+  assert matmuls("cuda", "auto") == matmuls("cuda", "widening_4x") > matmuls("cuda", "none")
+  assert matmuls("cpu", "auto") == matmuls("cpu", "none") < matmuls("cpu", "widening_4x")
 
 
 def test_config_field_reaches_every_block():
