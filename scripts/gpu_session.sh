@@ -48,7 +48,8 @@
 #   O=$OUT; rm -rf /tmp/s; OUT=/tmp/s bash scripts/gpu_session.sh; tar czf $O/all.tgz -C /tmp/s .
 # (a machine may keep /tmp from an earlier session: a stale stem.log came back once).
 # The winners are not made defaults here: that is a code change for the session that
-# reads the results (layers.BatchNorm's 'auto', a CUDA flag in the step's compile options).
+# reads the results (layers.BatchNorm's 'auto', backbones.CUDA_AUTO_BN_FOLD for a fold, a
+# CUDA flag in the step's compile options).
 #
 # Knobs (environment): OUT (/tmp/tcvm_gpu_session), TOTAL_BUDGET_S (560), AUGMENT_S (0:
 # no augment phase), ROUNDS (6), PROFILE_S (60), BENCHMARK_S (200, kept for the
