@@ -26,28 +26,12 @@ from tcvm_jax import train_step as train_step_lib
 from tcvm_jax import xla_options
 from tcvm_jax.flops import count_macs  # re-exported: the benchmark counts model FLOPs with it
 
-# Dense peak FLOP/s per device by compute dtype, matched as substrings of
-# `device.device_kind` (first match wins, so specific names come first).
-PEAK_FLOPS = (
-    ("H100 PCIe", {"bfloat16": 756.0e12, "float32": 378.0e12}),
-    ("H100 NVL", {"bfloat16": 835.0e12, "float32": 417.5e12}),
-    ("H100", {"bfloat16": 989.4e12, "float32": 494.7e12}),  # SXM; float32 means TF32.
-    ("H200", {"bfloat16": 989.4e12, "float32": 494.7e12}),
-    ("A100", {"bfloat16": 312.0e12, "float32": 156.0e12}),
-)
+from benchmarks.device_peaks import peak_flops  # re-exported: MFU's denominator
 
 COLLECTIVE_OPS = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter",
                   "collective-permute")
 _HLO_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                     "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-
-
-def peak_flops(device_kind: str, dtype: str) -> float | None:
-  """The device's dense peak for `dtype`, or None where unknown (CPU included)."""
-  for name, peaks in PEAK_FLOPS:
-    if name.lower() in device_kind.lower():
-      return peaks.get(dtype)
-  return None
 
 
 def median_time(fn: Callable[[], Any], *, steps: int, warmup: int) -> tuple[float, list[float]]:

@@ -31,6 +31,10 @@
 #   4. a device trace of 3 R3D50 steps with the winners (benchmarks/profile_step.py), for
 #      reading offline with benchmarks/trace_summary.py (time, GB/s, TFLOP/s per op)
 #                                                  -> $OUT/profile/
+#      and that trace projected onto the other Hopper part by the two parts' peak FLOP/s
+#      and bandwidth (benchmarks/device_projection.py; an estimate, ~1 s): an H200's
+#      trace onto the H100 the targets name, an H100's onto the H200
+#                                                  -> $OUT/projection.{log,json}
 # First, only with AUGMENT_S > 0: the augmentation alone (benchmarks/augment_variants.py:
 # the CUDA defaults less one choice each: float32 planes, the blur along H as taps, the
 # colour jitter as XLA passes; if the Pallas kernel takes the process down, the benchmark
@@ -228,6 +232,16 @@ timeout -k 5 $(( $(left) - 3 )) "$PYTHON" benchmarks/profile_step.py \
     --config="${R3D_CONFIG:-configs/pretrain.py}" --batch_size="$BATCH" --dtype=bfloat16 \
     --time_steps=5 --out="$OUT/profile" $WINNING_CONFIG_FLAGS 2>&1 | quiet | tail -45 \
     | tee "$OUT/profile.log"
+
+if [ -s "$OUT/profile/summary.json" ]; then
+  other_part=H100
+  grep -q '"device_kind": "[^"]*H100' "$OUT/profile/summary.json" && other_part=H200
+  bench_json=()
+  [ -s "$OUT/r3d50_bf16.json" ] && bench_json=(--benchmark_json="$OUT/r3d50_bf16.json")
+  "$PYTHON" benchmarks/device_projection.py "$OUT/profile/summary.json" --to="$other_part" \
+      ${bench_json[@]+"${bench_json[@]}"} --json="$OUT/projection.json" 2>&1 \
+      | tee "$OUT/projection.log"
+fi
 
 # Last, in what the profile left (it rarely needs all of its slot): nice to have.
 if (( $(left) >= 12 )); then
