@@ -19,8 +19,8 @@ that bounds it, assuming each kernel reaches the same share of either device's p
                   H200) but stages 3-4's are near compute-bound, and "other" is unnamed:
                   the low estimate scales them by the FLOP/s ratio, the high one by the
                   larger of the two ratios.
-The step time is the measured chained step plus the change in op time (gaps between ops
-are the host's and stay).
+The step time is the measured chained step (the median waited step for summaries that
+have none) plus the change in op time (gaps between ops are the host's and stay).
 """
 
 from __future__ import annotations
@@ -83,10 +83,12 @@ def project(summary: dict[str, Any], to_kind: str,
       row["low_ms"] += ms * low
       row["high_ms"] += ms * high
   measured_ops = sum(row["measured_ms"] for row in by_category.values())
-  step_ms = summary["chained_step_time_s"] * 1e3
+  # Summaries before 2026-11-26 evening have only the median of waited steps.
+  step_kind = "chained" if summary.get("chained_step_time_s") else "median"
+  step_ms = summary[f"{'chained_' if step_kind == 'chained' else ''}step_time_s"] * 1e3
   result = {"from_device": from_kind, "to_device": to_kind, "dtype": dtype,
             "batch_size": summary.get("batch_size"), "backbone": summary.get("backbone"),
-            "time_ratios": ratios, "by_category_ms": by_category,
+            "time_ratios": ratios, "by_category_ms": by_category, "step_kind": step_kind,
             "measured_step_ms": step_ms}
   for bound in ("low", "high"):
     ops = sum(row[f"{bound}_ms"] for row in by_category.values())
@@ -112,7 +114,7 @@ def format_projection(result: dict[str, Any]) -> str:
                               key=lambda item: -item[1]["measured_ms"]):
     lines.append(f"  {category:<16}{row['measured_ms']:12.2f}{row['low_ms']:10.2f}"
                  f"{row['high_ms']:10.2f}")
-  lines.append(f"  {'chained step':<16}{result['measured_step_ms']:12.2f}"
+  lines.append(f"  {result['step_kind'] + ' step':<16}{result['measured_step_ms']:12.2f}"
                f"{result['low_step_ms']:10.2f}{result['high_step_ms']:10.2f}")
   if "measured_mfu" in result:
     lines.append(f"  MFU: measured {100 * result['measured_mfu']:.1f} %, projected "

@@ -92,6 +92,14 @@ def test_projecting_onto_the_traced_device_changes_nothing():
   assert result["low_mfu"] == pytest.approx(result["measured_mfu"])
 
 
+def test_a_summary_without_chained_steps_projects_its_median_step():
+  summary = _summary(chained_step_time_s=None, step_time_s=0.012)
+  result = device_projection.project(summary, "NVIDIA H200", 1.0e12)
+  assert result["step_kind"] == "median"
+  assert result["measured_step_ms"] == pytest.approx(12.0)
+  assert result["high_step_ms"] == pytest.approx(12.0)
+
+
 def test_unknown_devices_and_categories_are_refused():
   with pytest.raises(ValueError, match="TPU v5 lite.*known"):
     device_projection.project(_summary(), "TPU v5 lite")
