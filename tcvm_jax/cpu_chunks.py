@@ -15,3 +15,11 @@ def chunk_size(num_items: int, item_pixels: int, chunk_pixels: int,
   that `num_items` items make at most `max_chunks` chunks."""
   size = max(1, round(chunk_pixels / item_pixels))
   return max(size, -(-num_items // max_chunks))
+
+
+def strided_chunk_count(num_items: int, chunk: int) -> int:
+  """How many strided chunks (item c, c + n, c + 2n, ...) split `num_items` items into
+  chunks of about `chunk`: the largest divisor of `num_items` that is at most
+  ceil(num_items / chunk), so that every chunk has the same number of items."""
+  target = max(1, -(-num_items // chunk))
+  return max(n for n in range(1, target + 1) if num_items % n == 0)

@@ -214,17 +214,26 @@ def _conv_vjp_weight_grad_in_chunks(x: jax.Array, kernel: jax.Array, grad: jax.A
   independent chunks side by side; in the demo step they ran one after another): the
   demo's stem (256 frames of 56 x 56) 15-22 -> 8.4 ms alone (32-frame chunks), 112 x 112
   frames to 64 channels 376 -> 103 ms (8-frame chunks); docs/performance.md.
+
+  Chunk c holds frames c, c + n, c + 2n, ... (n chunks): when the frames are split over
+  devices (the batch's sharding), each chunk takes the same share of every device's
+  frames, so no chunk moves between devices. Runs of consecutive frames each lay on one
+  or two devices, and XLA moved them with collective-permutes (28 MB per device per
+  demo step on 8 simulated devices).
   """
   num, height, width, _ = x.shape
   chunk = cpu_chunks.chunk_size(num, height * width,
                                 chunk_pixels or CPU_WEIGHT_GRAD_CHUNK_PIXELS)
+  num_chunks = cpu_chunks.strided_chunk_count(num, chunk)
   dx = jax.vjp(lambda x: _conv2d(x, kernel, stride), x)[1](grad)[0]  # unused for the stem
+  x_chunks = x.reshape(num // num_chunks, num_chunks, *x.shape[1:])
+  grad_chunks = grad.reshape(num // num_chunks, num_chunks, *grad.shape[1:])
 
-  def chunk_weight_grad(start):
-    x_chunk, grad_chunk = x[start:start + chunk], grad[start:start + chunk]
+  def chunk_weight_grad(index):
+    x_chunk, grad_chunk = x_chunks[:, index], grad_chunks[:, index]
     return jax.vjp(lambda k: _conv2d(x_chunk, k, stride), kernel)[1](grad_chunk)[0]
 
-  dkernel = functools.reduce(jnp.add, [chunk_weight_grad(i) for i in range(0, num, chunk)])
+  dkernel = functools.reduce(jnp.add, [chunk_weight_grad(i) for i in range(num_chunks)])
   return dx, dkernel
 
 

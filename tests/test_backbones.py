@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs import pretrain
 from tcvm_jax import backbones, layers, model as model_lib
-from train_test_utils import reduce_window_max_pool
+from train_test_utils import REPO_ROOT, reduce_window_max_pool, run_json_child
 
 
 def count_params(module: nnx.Module) -> int:
@@ -148,10 +148,12 @@ def test_space_to_depth_forms_equal_strided_conv_with_gradients(conv, height, wi
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("num, chunk_frames", [(5, 2), (4, 4), (3, 7)])
-def test_stem_weight_gradient_in_chunks_equals_xla_gradients(num, chunk_frames):
+@pytest.mark.parametrize("num, chunk_frames, num_chunks", [(6, 2, 3), (8, 3, 2), (5, 2, 1),
+                                                         (4, 4, 1), (3, 7, 1)])
+def test_stem_weight_gradient_in_chunks_equals_xla_gradients(num, chunk_frames, num_chunks):
   # The CPU backward pass of few-channel strided convs (the stem): the weight gradient
-  # summed over chunks of frames (here 2 + 2 + 1, one chunk, and one short chunk), called
+  # summed over equal strided chunks of frames (3 of 2, 2 of 4 where 3 of ~3 cannot be
+  # equal, one chunk where 5 frames do not split, one chunk, one short chunk), called
   # directly and through the custom VJP (platform_dependent picks it on this machine).
   height, width, stride = 9, 12, 2
   rng = np.random.default_rng(8)
@@ -167,7 +169,7 @@ def test_stem_weight_gradient_in_chunks_equals_xla_gradients(num, chunk_frames):
       chunk_pixels=chunk_frames * height * width))(x, weights, cotangent))
   # One weight-gradient conv per chunk, plus the input gradient's; each traced vjp also
   # holds its forward conv (unused, dropped by XLA).
-  assert chunks.count("conv_general_dilated") == 2 * (-(-num // chunk_frames) + 1)
+  assert chunks.count("conv_general_dilated") == 2 * (num_chunks + 1)
   _, custom_vjp = jax.vjp(functools.partial(layers._strided_conv_few_channels, stride=stride),
                           x, weights)
   for grads in (direct, custom_vjp(cotangent)):
@@ -175,6 +177,50 @@ def test_stem_weight_gradient_in_chunks_equals_xla_gradients(num, chunk_frames):
       assert ours.shape == reference.shape
       np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-4,
                                  atol=1e-4)
+
+
+_SHARDED_STEM_CHILD = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from benchmarks.jax_step import collective_bytes
+from tcvm_jax import cpu_chunks, layers, mesh as mesh_lib
+frames, size = 32, 112  # 8 frames per device; 4 strided chunks of 8 (12544 pixels each)
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(frames, size, size, 3)), jnp.float32)
+kernel = jnp.asarray(rng.normal(size=(7, 7, 3, 8)), jnp.float32)
+cotangent = jnp.asarray(rng.normal(size=(frames, size // 2, size // 2, 8)), jnp.float32)
+def grads(x, kernel, cotangent):
+  _, vjp = jax.vjp(lambda x, k: layers._strided_conv_few_channels(x, k, 2), x, kernel)
+  return vjp(cotangent)
+mesh = mesh_lib.create_mesh()
+split = mesh_lib.batch_sharding(mesh)
+step = jax.jit(grads, in_shardings=(split, mesh_lib.replicated_sharding(mesh), split))
+compiled = step.lower(x, kernel, cotangent).compile()
+sharded = compiled(jax.device_put(x, split), kernel, jax.device_put(cotangent, split))
+single = jax.jit(grads)(x, kernel, cotangent)
+chunk = cpu_chunks.chunk_size(frames, size * size, layers.CPU_WEIGHT_GRAD_CHUNK_PIXELS)
+print(json.dumps({
+    "devices": jax.device_count(),
+    "num_chunks": cpu_chunks.strided_chunk_count(frames, chunk),
+    "collectives": {op: v for op, v in collective_bytes(compiled.as_text()).items()
+                    if v["count"]},
+    "errors": [float(jnp.abs(a - b).max() / jnp.abs(b).max())
+               for a, b in zip(sharded, single)]}))
+"""
+
+
+def test_stem_weight_gradient_chunks_stay_on_their_devices():
+  # Frames split over 4 devices (the batch's sharding): each strided chunk takes 2 of
+  # every device's 8 frames, so the chunks' weight gradients need one all-reduce of the
+  # kernel gradient and nothing else (contiguous chunks were moved between devices by
+  # collective-permutes); the gradients equal one device's.
+  report = run_json_child(_SHARDED_STEM_CHILD, 4, REPO_ROOT)
+  assert report["devices"] == 4 and report["num_chunks"] == 4
+  assert set(report["collectives"]) == {"all-reduce"}, report["collectives"]
+  kernel_gradient_bytes = 7 * 7 * 3 * 8 * 4
+  assert report["collectives"]["all-reduce"]["bytes"] <= 4 * kernel_gradient_bytes
+  assert max(report["errors"]) < 1e-5, report["errors"]
 
 
 @pytest.mark.parametrize("features", [8, layers.SPACE_TO_DEPTH_CPU_MAX_FEATURES + 1, 64])

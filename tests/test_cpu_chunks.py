@@ -20,3 +20,18 @@ def test_chunk_size(num_items, item_pixels, chunk_pixels, expected):
   size = cpu_chunks.chunk_size(num_items, item_pixels, chunk_pixels)
   assert size == expected
   assert math.ceil(num_items / size) <= cpu_chunks.MAX_CHUNKS
+
+
+@pytest.mark.parametrize("num_items, chunk, expected", [
+    (256, 32, 8),  # the demo's stem: 8 strided chunks of 32 frames
+    (512, 64, 8),
+    (6, 2, 3),
+    (8, 3, 2),     # 3 chunks of ~3 cannot be equal: 2 of 4
+    (5, 2, 1),     # 5 frames split equally only into 5 or 1
+    (3, 7, 1),     # one chunk holds everything
+    (7, 1, 7),
+])
+def test_strided_chunk_count(num_items, chunk, expected):
+  count = cpu_chunks.strided_chunk_count(num_items, chunk)
+  assert count == expected
+  assert num_items % count == 0 and count <= max(1, math.ceil(num_items / chunk))
