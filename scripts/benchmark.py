@@ -191,6 +191,10 @@ def run_scaling(argv: Sequence[str], device_counts: Sequence[int], per_device_ba
                   sum(v["bytes"] for v in montage_collectives.values()),
               "step_collective_bytes_per_device":
                   sum(v["bytes"] for v in step_collectives.values()),
+              # By kind: what else moves between devices besides the exchange (the
+              # gradient's all-reduce, the loss's gathers; anything more is a finding).
+              "step_collectives": {kind: v for kind, v in step_collectives.items()
+                                   if v["count"]},
           })
       except subprocess.TimeoutExpired:
         entry["error"] = f"did not finish in {timeout_s} s"
@@ -283,6 +287,12 @@ def format_table(results: dict[str, Any]) -> str:
           f"{entry['videos_per_s_per_device']:>8.2f} {entry['montage_time_s'] * 1e3:>10.1f} "
           f"{entry['montage_share']:>6.3f} "
           f"{(exchange or 0) / 2**20:>16.2f}")
+    lines.append("the step's collectives per device (MiB, count):")
+    for entry in results["scaling"]:
+      if "error" not in entry:
+        kinds = ", ".join(f"{kind} {v['bytes'] / 2**20:.2f} ({v['count']})"
+                          for kind, v in entry.get("step_collectives", {}).items())
+        lines.append(f"{entry['num_devices']:>7}  {kinds or 'none'}")
   return "\n".join(lines)
 
 

@@ -97,6 +97,12 @@ def test_benchmark_script_writes_complete_json(tmp_path):
   video_bytes = 8 * 40 * 40 * 3  # one uint8 source video
   assert 0 < entry["montage_exchange_bytes_per_device"] <= 4 * video_bytes
   assert entry["step_collective_bytes_per_device"] > 0  # gradient all-reduce at least
+  kinds = entry["step_collectives"]
+  assert "all-reduce" in kinds  # the gradient's
+  assert sum(v["bytes"] for v in kinds.values()) == entry["step_collective_bytes_per_device"]
+  # Nothing is shuffled between devices but the montage's clips: no permutes (at larger
+  # frames the CPU stem's weight-gradient chunks once made them; test_backbones.py).
+  assert "collective-permute" not in kinds, kinds
 
 
 def test_step_without_montage_is_the_step_after_the_montage():
