@@ -84,8 +84,9 @@ def project(summary: dict[str, Any], to_kind: str,
       row["high_ms"] += ms * high
   measured_ops = sum(row["measured_ms"] for row in by_category.values())
   # Summaries before 2026-11-26 evening have only the median of waited steps.
-  step_kind = "chained" if summary.get("chained_step_time_s") else "median"
-  step_ms = summary[f"{'chained_' if step_kind == 'chained' else ''}step_time_s"] * 1e3
+  chained_s = summary.get("chained_step_time_s")
+  step_kind = "chained" if chained_s else "median"
+  step_ms = (chained_s or summary["step_time_s"]) * 1e3
   result = {"from_device": from_kind, "to_device": to_kind, "dtype": dtype,
             "batch_size": summary.get("batch_size"), "backbone": summary.get("backbone"),
             "time_ratios": ratios, "by_category_ms": by_category, "step_kind": step_kind,
